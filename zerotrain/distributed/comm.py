@@ -1,0 +1,175 @@
+"""The only module that issues collectives.
+
+Every collective in zerotrain goes through these functions so that
+
+* averaging is done the same way everywhere (SUM, then divide: gloo has no AVG),
+* bytes and calls are counted per collective (``comm_report()``),
+* a group of size one costs nothing and needs no initialised process group.
+
+Byte accounting. ``bytes`` is the *logical volume* in the sense of the ZeRO paper: an all-gather
+or a reduce-scatter of a buffer of Ψ elements moves Ψ elements, an all-reduce moves 2Ψ (it is a
+reduce-scatter followed by an all-gather). ``wire_bytes`` is what one rank sends on a ring:
+``bytes * (N - 1) / N``. Both are counted in the dtype actually communicated.
+
+Groups are always arguments. ``None`` here means "a group of one" (no process group), never the
+default world group: callers hold their groups in a :class:`~zerotrain.distributed.mesh.Mesh`.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "group_size", "group_rank", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
+    "all_gather_object", "Handle", "comm_report", "reset_comm_report", "set_trace", "get_trace",
+]
+
+
+@dataclass
+class _Counter:
+    calls: int = 0
+    bytes: int = 0
+    wire_bytes: float = 0.0
+
+
+@dataclass
+class _Stats:
+    counters: dict = field(default_factory=lambda: defaultdict(_Counter))
+    trace: list | None = None          # when set, every collective is appended (debug mode)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATS = _Stats()
+
+
+def group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class Handle:
+    """What an async collective returns: ``wait()`` it, then read the result."""
+
+    def __init__(self, work=None, then=None):
+        self._work, self._then = work, then
+
+    def wait(self):
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
+
+    def is_completed(self) -> bool:
+        return self._work is None and self._then is None
+
+
+def _record(name: str, tensor: torch.Tensor, group, volume_factor: int):
+    n = group_size(group)
+    nbytes = tensor.numel() * tensor.element_size() * volume_factor
+    with _STATS.lock:
+        c = _STATS.counters[name]
+        c.calls += 1
+        c.bytes += nbytes
+        c.wire_bytes += nbytes * (n - 1) / n
+        if _STATS.trace is not None:
+            _STATS.trace.append((name, str(tensor.dtype), tuple(tensor.shape), n))
+
+
+def _finish(work, then, async_op):
+    handle = Handle(work, then)
+    if not async_op:
+        handle.wait()
+    return handle
+
+
+def all_reduce(tensor: torch.Tensor, group, *, op: str = "sum", async_op: bool = False) -> Handle:
+    """In-place all-reduce; ``op`` is "sum", "avg" (sum then divide) or "max"."""
+    if op not in ("sum", "avg", "max"):
+        raise ValueError(f"all_reduce op must be 'sum', 'avg' or 'max', got {op!r}")
+    n = group_size(group)
+    if n == 1:
+        return Handle()
+    _record("all_reduce", tensor, group, 2)
+    red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+    work = dist.all_reduce(tensor, op=red, group=group, async_op=True)
+    then = (lambda: tensor.div_(n)) if op == "avg" else None
+    return _finish(work, then, async_op)
+
+
+def all_gather(output: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False) -> Handle:
+    """Gather equal 1-D shards into ``output`` (``output.numel() == N * shard.numel()``)."""
+    n = group_size(group)
+    if output.numel() != n * shard.numel():
+        raise ValueError(f"all_gather: output has {output.numel()} elements, expected {n} x {shard.numel()}")
+    if n == 1:
+        if output.data_ptr() != shard.data_ptr():
+            output.copy_(shard.view_as(output))
+        return Handle()
+    _record("all_gather", output, group, 1)
+    work = dist.all_gather_single(output, shard, group=group, async_op=True)
+    return _finish(work, None, async_op)
+
+
+def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False) -> Handle:
+    """SUM-reduce ``full`` over the group and leave this rank's 1/N slice in ``output``."""
+    n = group_size(group)
+    if full.numel() != n * output.numel():
+        raise ValueError(f"reduce_scatter: input has {full.numel()} elements, expected {n} x {output.numel()}")
+    if n == 1:
+        output.copy_(full.view_as(output))
+        return Handle()
+    _record("reduce_scatter", full, group, 1)
+    work = dist.reduce_scatter_single(output, full, group=group, async_op=True)
+    return _finish(work, None, async_op)
+
+
+def broadcast(tensor: torch.Tensor, group, *, src_group_rank: int = 0) -> None:
+    if group_size(group) == 1:
+        return
+    _record("broadcast", tensor, group, 1)
+    dist.broadcast(tensor, group=group, group_src=src_group_rank)
+
+
+def all_gather_object(obj, group) -> list:
+    """Gather a small picklable object from every rank (used for agreement checks, not data)."""
+    if group_size(group) == 1:
+        return [obj]
+    out = [None] * group_size(group)
+    with _STATS.lock:
+        _STATS.counters["all_gather_object"].calls += 1
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def comm_report(reset: bool = False) -> dict[str, dict]:
+    """Calls, logical bytes and ring wire bytes per collective since the last reset."""
+    with _STATS.lock:
+        report = {k: {"calls": c.calls, "bytes": c.bytes, "wire_bytes": c.wire_bytes}
+                  for k, c in _STATS.counters.items() if c.calls}
+        if reset:
+            _STATS.counters.clear()
+    return report
+
+
+def reset_comm_report() -> None:
+    comm_report(reset=True)
+
+
+def set_trace(enabled: bool) -> None:
+    """Record every collective (name, dtype, shape, group size) in order, for the debug mode."""
+    with _STATS.lock:
+        _STATS.trace = [] if enabled else None
+
+
+def get_trace() -> list:
+    with _STATS.lock:
+        return list(_STATS.trace or [])

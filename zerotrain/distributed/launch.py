@@ -1,0 +1,59 @@
+"""Process-group initialisation: from torchrun's environment, an explicit store, or none at all."""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .mesh import Mesh
+
+log = logging.getLogger("zerotrain")
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(*, tp: int = 1, backend: str | None = None, init_method: str | None = None,
+                     rank: int | None = None, world_size: int | None = None,
+                     timeout_s: float = 300.0) -> Mesh:
+    """Initialise torch.distributed and return the dp × tp :class:`Mesh`.
+
+    * Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), joins that group.
+    * With ``init_method`` (e.g. ``"file:///tmp/store"``) plus ``rank``/``world_size``, joins it.
+    * Otherwise runs as a single process: no process group, every collective is a no-op.
+
+    The backend is gloo on CPU and nccl when CUDA is present, unless ``backend`` says otherwise.
+    Calling it again when already initialised just builds the mesh.
+    """
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    if not dist.is_initialized():
+        env = all(v in os.environ for v in _TORCHRUN_VARS)
+        if init_method is None and not env:
+            if tp != 1:
+                raise ValueError(f"tp={tp} needs several processes: launch with torchrun "
+                                 f"--nproc-per-node {tp} (or more) or `zerotrain train --nproc`")
+            log.info("no torchrun environment: running as a single process")
+            return Mesh.single()
+        backend = backend or default_backend()
+        kwargs = dict(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if init_method is not None:
+            if rank is None or world_size is None:
+                raise ValueError("init_method needs rank= and world_size=")
+            kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
+        if backend == "nccl":
+            local = int(os.environ.get("LOCAL_RANK", rank or 0))
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        dist.init_process_group(**kwargs)
+    return Mesh.build(tp=tp)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,59 @@
+"""Global gradient norm and clipping over shards and meshes, with ``clip_grad_norm_`` semantics.
+
+Every rank holds some gradient elements: a dp shard (stages 1–3) or all of them (stage 0), and,
+with tensor parallelism, a tp slice of the split parameters plus a full copy of the replicated
+ones. The norm counts each element of the full model exactly once: tp-split elements are summed
+over tp, replicated elements are counted on one tp rank only (as 1/tp of each copy).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..distributed import comm
+
+
+def _tp_split(param) -> bool:
+    return getattr(param, "_zt_tp_dim", None) is not None
+
+
+def local_norm_terms(units, norm_type: float, tp: int) -> torch.Tensor:
+    """This rank's contribution: sum of |g|^p (or max |g| for inf), in the master dtype."""
+    dtype = units[0].master_dtype
+    acc = torch.zeros((), dtype=dtype)
+    for u in units:
+        g = u.grad_region()
+        mixed = tp > 1 and any(_tp_split(p) for p in u.params) and not all(_tp_split(p) for p in u.params)
+        if not mixed:
+            weight = 1.0 if tp == 1 or _tp_split(u.params[0]) else 1.0 / tp
+            acc = _accumulate(acc, g, norm_type, weight, dtype)
+            continue
+        lo = u.region[0]
+        for i, start, end in u.layout.pieces_in(*u.region):
+            weight = 1.0 if _tp_split(u.params[i]) else 1.0 / tp
+            acc = _accumulate(acc, g[start - lo:end - lo], norm_type, weight, dtype)
+    return acc
+
+
+def _accumulate(acc, g, norm_type, weight, dtype):
+    if g.numel() == 0:
+        return acc
+    if math.isinf(norm_type):
+        return torch.maximum(acc, g.detach().abs().max().to(dtype))
+    return acc + weight * g.detach().to(dtype).abs().pow(norm_type).sum()
+
+
+def global_grad_norm(units, *, norm_type: float = 2.0, group, tp: int = 1) -> torch.Tensor:
+    """The norm of the full model's gradient; ``group`` spans every rank holding distinct elements."""
+    acc = local_norm_terms(units, norm_type, tp)
+    if math.isinf(norm_type):
+        comm.all_reduce(acc, group, op="max")
+        return acc
+    comm.all_reduce(acc, group, op="sum")
+    return acc.pow(1.0 / norm_type)
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> float:
+    """``clip_grad_norm_``'s factor: max_norm / (norm + 1e-6), capped at 1."""
+    return min(1.0, float(max_norm) / (float(total_norm) + 1e-6))

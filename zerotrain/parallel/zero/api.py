@@ -1,0 +1,193 @@
+"""``shard_model``: the PyTorch-style face of ZeRO.
+
+The model stays the user's module (its class gains a few methods, as with FSDP2's
+``fully_shard``); its parameters become views into flat per-unit buffers and hooks drive the
+gather / free / reduce schedule for the chosen stage.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+
+import torch
+import torch.nn as nn
+
+from ...distributed import comm
+from ...distributed.mesh import Mesh
+from ..precision import MixedPrecision
+from .hooks import StepSchedule
+from .policy import policy_for
+from .unit import ShardedUnit
+
+log = logging.getLogger("zerotrain")
+
+
+def default_wrap(model: nn.Module) -> list[nn.Module]:
+    """Each child of a ModuleList/Sequential holding >= 2 modules of one class (transformer-block-like)."""
+    units = []
+    for m in model.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) >= 2:
+            kids = list(m)
+            if len({type(k) for k in kids}) == 1 and any(True for k in kids for _ in k.parameters()):
+                units.extend(k for k in kids if not any(k is u or _inside(k, u) for u in units))
+    return units
+
+
+def _inside(module: nn.Module, other: nn.Module) -> bool:
+    return any(module is m for m in other.modules())
+
+
+def _assign_params(model: nn.Module, unit_modules: list[nn.Module]):
+    """Parameter → owning unit module (None = root). A parameter used by two units goes to root."""
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(p, name)
+    owners: dict[nn.Parameter, set] = {}
+    for i, m in enumerate(unit_modules):
+        for p in m.parameters():
+            owners.setdefault(p, set()).add(i)
+    per_unit = [[] for _ in unit_modules]
+    root = []
+    for p, name in names.items():
+        if not p.requires_grad:
+            continue                        # frozen parameters stay replicated and untouched
+        owner = owners.get(p, set())
+        (per_unit[next(iter(owner))] if len(owner) == 1 else root).append((name, p))
+    return per_unit, root
+
+
+class ZeroState:
+    """Everything ``shard_model`` attaches to a model (``model.zero_state``)."""
+
+    def __init__(self, *, mesh: Mesh, policy, mp: MixedPrecision, units, root, schedule, dtypes):
+        self.mesh, self.policy, self.mp = mesh, policy, mp
+        self.units, self.root, self.schedule = units, root, schedule
+        self.param_dtype, self.master_dtype, self.reduce_dtype = dtypes
+        self.param_index = {id(p): (u, i) for u in units for i, p in enumerate(u.params)}
+
+    @property
+    def stage(self) -> int:
+        return self.policy.stage
+
+
+class ShardedModule:
+    """Mixed into the user's model class by ``shard_model``."""
+
+    zero_state: ZeroState
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Skip gradient reduction for the backward passes inside (accumulate locally instead)."""
+        sched = self.zero_state.schedule
+        prev, sched.require_sync = sched.require_sync, False
+        try:
+            yield
+        finally:
+            sched.require_sync = prev
+
+    @contextlib.contextmanager
+    def gathered_parameters(self):
+        """Full parameters on every rank inside the block (stage 3 gathers them; read-only use)."""
+        units = self.zero_state.units
+        for u in units:
+            u.unshard()
+        try:
+            yield
+        finally:
+            for u in units:
+                u.reshard()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """A full, unsharded copy of the module's state (parameters in master precision)."""
+        with self.gathered_parameters():
+            return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+
+def _check_same_everywhere(mesh: Mesh, stage, mp: MixedPrecision, per_unit, root) -> None:
+    shapes = [[(n, tuple(p.shape), str(p.dtype)) for n, p in u] for u in per_unit + [root]]
+    desc = {"stage": stage, "param_dtype": str(mp.param_dtype), "reduce_dtype": str(mp.reduce_dtype),
+            "dp": mesh.dp, "tp": mesh.tp,
+            "layout": hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}
+    seen = comm.all_gather_object(desc, mesh.world_group)
+    for key in desc:
+        values = {r: d[key] for r, d in enumerate(seen)}
+        if len(set(map(str, values.values()))) > 1:
+            raise ValueError(f"shard_model: ranks disagree on {key}: "
+                             + ", ".join(f"rank {r}: {v}" for r, v in values.items())
+                             + ". Every rank must build the same model and pass the same arguments.")
+
+
+def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed_precision=None,
+                wrap=None, sync_module_states: bool = True, prefetch: bool = True) -> nn.Module:
+    """Shard ``model`` in place over the data-parallel group of ``mesh`` and return it.
+
+    ``stage``: 0 plain data parallel, 1 optimizer states sharded, 2 + gradients, 3 + parameters.
+    ``mixed_precision``: None, "bf16"/"fp16"/"fp32" or a :class:`MixedPrecision`.
+    ``wrap``: the modules that become units (a list, or a callable ``module -> bool``); default:
+    each block of a ModuleList of identical blocks. Everything else is in the root unit.
+    """
+    policy = policy_for(stage)
+    if isinstance(model, ShardedModule):
+        raise ValueError("shard_model: this model is already sharded; call it once per model")
+    mp = MixedPrecision.coerce(mixed_precision)
+    mesh = mesh or Mesh.default()
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"shard_model: {type(model).__name__} has no trainable parameters; "
+                         "nothing to shard (check requires_grad or that the model is built)")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("shard_model: the model has parameters on the meta device; "
+                         "materialise it first (model.to_empty(device=...) then initialise)")
+    unit_modules = _select_units(model, wrap)
+    per_unit, root_params = _assign_params(model, unit_modules)
+    _check_same_everywhere(mesh, stage, mp, per_unit, root_params)
+
+    first = next(p for p in model.parameters() if p.requires_grad)
+    orig = first.dtype
+    master = orig if orig in (torch.float32, torch.float64) else torch.float32
+    param_dtype = mp.param_dtype or orig
+    reduce_dtype = mp.reduce_dtype or master
+    kw = dict(policy=policy, group=mesh.dp_group, param_dtype=param_dtype,
+              master_dtype=master, reduce_dtype=reduce_dtype)
+    units, root = [], None
+    if root_params:
+        root = ShardedUnit(model, root_params, index=0, **kw)
+        units.append(root)
+    for m, params in zip(unit_modules, per_unit):
+        if params:
+            units.append(ShardedUnit(m, params, index=len(units), **kw))
+    for u in units:
+        u.materialize(sync_from_rank0=sync_module_states)
+    schedule = StepSchedule(units, root, prefetch=prefetch)
+    _install_hooks(model, units, root, schedule)
+    model.zero_state = ZeroState(mesh=mesh, policy=policy, mp=mp, units=units, root=root,
+                                 schedule=schedule, dtypes=(param_dtype, master, reduce_dtype))
+    model.__class__ = type(f"Sharded{type(model).__name__}", (ShardedModule, type(model)), {})
+    log.info("shard_model: stage %d over dp=%d, %d units, %d parameters, param %s / master %s / reduce %s",
+             stage, mesh.dp, len(units), sum(u.layout.numel for u in units), param_dtype, master, reduce_dtype)
+    return model
+
+
+def _select_units(model, wrap) -> list[nn.Module]:
+    if wrap is None:
+        return default_wrap(model)
+    if callable(wrap) and not isinstance(wrap, (list, tuple)):
+        chosen = [m for m in model.modules() if m is not model and wrap(m)]
+    else:
+        chosen = list(wrap)
+    outer = []
+    for m in chosen:
+        if m is model:
+            raise ValueError("shard_model: wrap must not include the model itself (it is the root unit)")
+        if not any(_inside(m, o) for o in outer):
+            outer.append(m)
+    return outer
+
+
+def _install_hooks(model, units, root, schedule: StepSchedule) -> None:
+    for unit in units:
+        module = unit.module
+        module.register_forward_pre_hook(lambda m, a, u=unit: schedule.pre_forward(u))
+        module.register_forward_hook(lambda m, a, out, u=unit: schedule.post_forward(u, out))
+        for i, p in enumerate(unit.params):
+            p.register_post_accumulate_grad_hook(lambda p, u=unit, i=i: schedule.on_grad(u, i))

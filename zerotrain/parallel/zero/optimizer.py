@@ -1,0 +1,241 @@
+"""``ShardedOptimizer``: any element-wise torch optimizer, run on this rank's master shard.
+
+A step has three visible phases: finish the gradient reductions backward started; update the
+master shard (unscale, overflow check, clip, the wrapped optimizer's own ``step``); make the
+parameters follow (copy, and at stages 1–2 all-gather). The wrapped optimizer sees, per param
+group, 1-D views ("pieces") of the master shard and of the reduced gradient: maximal runs of
+consecutive parameters of one group inside this rank's range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...distributed import comm
+from .. import clip
+from ..precision import LossScaler
+
+ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
+               torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Rprop,
+               torch.optim.Adagrad)
+
+
+@dataclass
+class Piece:
+    """A run of the master shard handed to the wrapped optimizer as one tensor."""
+    unit: object
+    group: int
+    start: int          # flat-buffer coordinates of the run
+    end: int
+    slots: list         # (slot index, start, end) inside the run, flat coordinates
+    tensor: torch.Tensor = None
+
+
+@dataclass
+class StepInfo:
+    grad_norm: float | None
+    clipped_grad_norm: float | None
+    skipped: bool
+    loss_scale: float | None
+
+
+def _is_elementwise(cls) -> bool:
+    return issubclass(cls, ELEMENTWISE) or getattr(cls, "zerotrain_elementwise", False)
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """``ShardedOptimizer(model, torch.optim.AdamW, groups_or_None, lr=..., ...)``.
+
+    ``model`` must have gone through ``shard_model``. ``max_grad_norm`` turns on clipping inside
+    ``step()``; ``step()`` returns a :class:`StepInfo` with the pre- and post-clip norms.
+    """
+
+    def __init__(self, model, optimizer_class=torch.optim.AdamW, params_or_groups=None, *,
+                 max_grad_norm: float | None = None, norm_type: float = 2.0, **kwargs):
+        zs = getattr(model, "zero_state", None)
+        if zs is None:
+            raise ValueError("ShardedOptimizer: the model is not sharded; call "
+                             "zerotrain.shard_model(model, stage=...) first")
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise ValueError(f"optimizer_class={optimizer_class!r} must be a torch.optim.Optimizer subclass")
+        if zs.policy.shard_optimizer and not _is_elementwise(optimizer_class):
+            raise ValueError(
+                f"ShardedOptimizer: {optimizer_class.__name__} is not known to be element-wise; at "
+                f"stage {zs.stage} each rank updates a flat 1/N slice, which changes the maths of an "
+                "optimizer whose update mixes elements (LBFGS, Adafactor, ...). Use stage 0, an "
+                f"element-wise optimizer ({', '.join(c.__name__ for c in ELEMENTWISE)}), or set "
+                f"{optimizer_class.__name__}.zerotrain_elementwise = True if it is element-wise.")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0 (or None for no clipping)")
+        self.model, self.zs = model, zs
+        self.max_grad_norm, self.norm_type = max_grad_norm, float(norm_type)
+        groups = self._user_groups(params_or_groups)
+        probe = optimizer_class([torch.zeros(1)], **kwargs)       # validates kwargs, gives defaults
+        super().__init__(groups, probe.defaults)
+        self._pieces = self._build_pieces()
+        inner_groups = [dict({k: v for k, v in g.items() if k != "params"},
+                             params=[pc.tensor for pc in self._pieces if pc.group == gi])
+                        for gi, g in enumerate(self.param_groups)]
+        self.inner = optimizer_class(inner_groups, **kwargs)
+        self.scaler = LossScaler(zs.mp.loss_scale) if zs.mp.loss_scale is not None else None
+        self.last_step = StepInfo(None, None, False, self.loss_scale)
+
+    # ------------------------------------------------------------------ construction
+    def _user_groups(self, params_or_groups):
+        if params_or_groups is None:
+            params_or_groups = [p for u in self.zs.units for p in u.params]
+        groups = list(params_or_groups)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for gi, g in enumerate(groups):
+            g = dict(g)
+            g["params"] = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
+            for p in g["params"]:
+                if id(p) not in self.zs.param_index:
+                    where = f"'{names[id(p)]}' (frozen)" if id(p) in names else "not from this model"
+                    raise ValueError(f"ShardedOptimizer: param group {gi} has a parameter {where}; "
+                                     "pass the sharded model's own trainable parameters")
+            groups[gi] = g
+        return groups
+
+    def _build_pieces(self) -> list[Piece]:
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        shaped = not self.zs.policy.shard_optimizer      # stage 0: one piece per parameter, full shape
+        pieces = []
+        for u in self.zs.units:
+            lo = u.region[0]
+            for i, start, end in u.layout.pieces_in(*u.region):
+                gi = group_of.get(id(u.params[i]))
+                if gi is None:
+                    continue
+                last = pieces[-1] if pieces else None
+                if not shaped and last and last.unit is u and last.group == gi and last.end == start:
+                    last.end = end
+                    last.slots.append((i, start, end))
+                else:
+                    pieces.append(Piece(u, gi, start, end, [(i, start, end)]))
+            for pc in (p for p in pieces if p.unit is u):
+                pc.tensor = u.master[pc.start - lo:pc.end - lo]
+                if shaped:
+                    pc.tensor = pc.tensor.view(u.layout.slots[pc.slots[0][0]].shape)
+        return pieces
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def loss_scale(self) -> float | None:
+        return self.scaler.scale if self.scaler else None
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Multiply by the fp16 loss scale (identity otherwise); call ``.backward()`` on the result."""
+        return loss * self.scaler.scale if self.scaler else loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.zs.schedule.finish()
+        for u in self.zs.units:
+            u.zero_grads()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        zs = self.zs
+        zs.schedule.finish()
+        grads = self._unscaled_grads()
+        if self.scaler is not None and self._overflow(grads):
+            self.scaler.update(True)
+            self.zero_grad()
+            self.last_step = StepInfo(None, None, True, self.loss_scale)
+            return self.last_step
+        norm = float(clip.global_grad_norm(zs.units, norm_type=self.norm_type, group=self._norm_group(),
+                                           tp=zs.mesh.tp))
+        coef = clip.clip_coefficient(norm, self.max_grad_norm) if self.max_grad_norm else 1.0
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        self._run_inner(grads)
+        for u in zs.units:
+            u.after_step()
+        if self.scaler is not None:
+            self.scaler.update(False)
+        for u in zs.units:
+            u.accum_valid = False        # the next backward starts a fresh accumulation
+        self.last_step = StepInfo(norm, norm * coef, False, self.loss_scale)
+        return self.last_step
+
+    # ------------------------------------------------------------------ step phases
+    def _unscaled_grads(self) -> list[torch.Tensor]:
+        zs = self.zs
+        factor = 1.0 / zs.mesh.dp if zs.policy.reduce == "reduce_scatter" else 1.0
+        if self.scaler is not None:
+            factor /= self.scaler.scale
+        grads = [u.grad_region() for u in zs.units]
+        if factor != 1.0:
+            for g in grads:
+                g.mul_(factor)
+        return grads
+
+    def _overflow(self, grads) -> bool:
+        flag = torch.zeros((), dtype=torch.float32)
+        for g in grads:
+            if not torch.isfinite(g).all():
+                flag.fill_(1.0)
+                break
+        comm.all_reduce(flag, self.zs.mesh.world_group, op="max")
+        return bool(flag.item())
+
+    def _norm_group(self):
+        mesh = self.zs.mesh
+        return mesh.world_group if self.zs.policy.shard_optimizer else mesh.tp_group
+
+    def _run_inner(self, grads) -> None:
+        by_unit = {id(u): g for u, g in zip(self.zs.units, grads)}
+        for pc in self._pieces:
+            g = by_unit[id(pc.unit)]
+            lo = pc.unit.region[0]
+            gv = g[pc.start - lo:pc.end - lo]
+            if gv.dtype != pc.tensor.dtype:
+                gv = gv.to(pc.tensor.dtype)
+            pc.tensor.grad = gv.view(pc.tensor.shape)
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: v for k, v in outer.items() if k != "params"})
+        self.inner.step()
+        for pc in self._pieces:
+            pc.tensor.grad = None
+
+    # ------------------------------------------------------------------ state
+    def local_state(self, name: str) -> list[tuple[int, int, dict]]:
+        """This rank's optimizer state for parameter ``name``: (lo, hi, {key: tensor}) slices in the
+        parameter's flattened coordinates."""
+        out = []
+        for pc in self._pieces:
+            for i, start, end in pc.slots:
+                slot = pc.unit.layout.slots[i]
+                if slot.name != name:
+                    continue
+                st = self.inner.state.get(pc.tensor, {})
+                sl = slice(start - pc.start, end - pc.start)
+                out.append((start - slot.offset, end - slot.offset,
+                            {k: (v.reshape(-1)[sl] if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}))
+        return out
+
+    def state_dict(self) -> dict:
+        """This rank's shard of the state (load it back at the same stage and dp size)."""
+        inner = self.inner.state_dict()
+        return {"inner": inner, "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                 for g in self.param_groups],
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "layout": {"stage": self.zs.stage, "dp": self.zs.mesh.dp, "dp_rank": self.zs.mesh.dp_rank}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        mine = {"stage": self.zs.stage, "dp": self.zs.mesh.dp, "dp_rank": self.zs.mesh.dp_rank}
+        if state_dict.get("layout") != mine:
+            raise ValueError(f"optimizer state was saved with layout {state_dict.get('layout')}, this "
+                             f"optimizer is {mine}; use zerotrain's checkpoint loader to reshard")
+        self.inner.load_state_dict(state_dict["inner"])
+        for g, saved in zip(self.param_groups, state_dict["param_groups"]):
+            g.update(saved)
+        if self.scaler and state_dict.get("scaler"):
+            self.scaler.load_state_dict(state_dict["scaler"])

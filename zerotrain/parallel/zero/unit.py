@@ -1,0 +1,184 @@
+"""A sharded unit: one flat buffer for a group of parameters, and the three things done to it —
+unshard (all-gather), reshard (free), reduce_grads (all-reduce or reduce-scatter).
+
+What a unit holds per stage (Ψ = its padded size, N = dp size, S = Ψ/N):
+
+============  =====================  ==========================  ==============================
+stage         parameters             gradients                   master (fp32) / optimizer view
+============  =====================  ==========================  ==============================
+0             ``full`` (Ψ)           ``grad_full`` (Ψ, averaged)  all Ψ
+1             ``full`` (Ψ)           ``grad_full`` (Ψ, own slice  own slice S
+                                     holds the reduced SUM)
+2             ``full`` (Ψ)           ``grad_shard`` (S, SUM)      own slice S
+3             ``shard`` (S); ``full``  ``grad_shard`` (S, SUM)    own slice S
+              gathered per use
+============  =====================  ==========================  ==============================
+
+When the compute dtype equals the master dtype the master *is* the parameter storage (a view),
+so pure fp32 training keeps no second copy.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from ...distributed import comm
+from .flat import FlatLayout, flatten_into
+from .policy import StagePolicy
+
+
+class UnitState(enum.Enum):
+    SHARDED = "sharded"
+    GATHERING = "gathering"
+    UNSHARDED = "unsharded"
+
+
+def _free(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def _alloc(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(t.numel() * t.element_size())
+
+
+class ShardedUnit:
+    def __init__(self, module, named_params, *, index: int, policy: StagePolicy, group,
+                 param_dtype: torch.dtype, master_dtype: torch.dtype, reduce_dtype: torch.dtype):
+        self.module, self.index, self.policy, self.group = module, index, policy, group
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.param_dtype, self.master_dtype, self.reduce_dtype = param_dtype, master_dtype, reduce_dtype
+        self.rank, self.world = comm.group_rank(group), comm.group_size(group)
+        self.layout = FlatLayout.build([(n, p.shape) for n, p in named_params], self.world)
+        self.lo, self.hi = self.layout.shard_range(self.rank)
+        self.state = UnitState.UNSHARDED
+        self._gather_handle = None
+        self.grad_full = self.grad_shard = None
+        self.accum_valid = False          # False: the next reduction starts the accumulation afresh
+        self.grads_ready: set[int] = set()
+
+    # ---------------------------------------------------------------- construction
+    def materialize(self, *, sync_from_rank0: bool) -> None:
+        """Move the parameters into flat storage (and broadcast dp rank 0's values if asked)."""
+        device = self.params[0].device
+        src_dtype = torch.promote_types(self.master_dtype, self.params[0].dtype)
+        init = flatten_into(torch.empty(self.layout.padded, dtype=src_dtype, device=device),
+                            [p.detach() for p in self.params], self.layout)
+        if sync_from_rank0:
+            comm.broadcast(init, self.group)
+        region = slice(None) if not self.policy.shard_optimizer else slice(self.lo, self.hi)
+        self.full = init.to(self.param_dtype, copy=True)
+        for p, view in zip(self.params, self.layout.views(self.full)):
+            p.data = view                 # views stay valid while stage 3 frees and refills storage
+        self.shard = self.full[self.lo:self.hi].clone() if self.policy.shard_params else None
+        same = self.param_dtype == self.master_dtype
+        if same:
+            self.master = self.shard if self.policy.shard_params else self.full[region]
+        else:
+            self.master = init[region].to(self.master_dtype, copy=True)
+        if self.policy.shard_params:
+            _free(self.full)
+            self.state = UnitState.SHARDED
+        if self.policy.shard_grads:
+            self.grad_shard = torch.zeros(self.layout.shard_numel, dtype=self.reduce_dtype, device=device)
+        else:
+            self.grad_full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=device)
+
+    # ---------------------------------------------------------------- parameters
+    def unshard(self, *, async_op: bool = False) -> None:
+        """All-gather the full parameters (idempotent; stage 3 only does work)."""
+        if self.state is UnitState.UNSHARDED:
+            return
+        if self.state is UnitState.SHARDED:
+            _alloc(self.full)
+            self._gather_handle = comm.all_gather(self.full, self.shard, self.group, async_op=True)
+            self.state = UnitState.GATHERING
+        if not async_op:
+            self._gather_handle.wait()
+            self._gather_handle = None
+            self.state = UnitState.UNSHARDED
+
+    def reshard(self) -> None:
+        if not self.policy.shard_params or self.state is UnitState.SHARDED:
+            return
+        if self.state is UnitState.GATHERING:
+            self._gather_handle.wait()
+            self._gather_handle = None
+        _free(self.full)
+        self.state = UnitState.SHARDED
+
+    def after_step(self) -> None:
+        """Make the parameters reflect the updated master (stages 1–2 all-gather them)."""
+        def refresh(target: torch.Tensor) -> None:
+            if target.data_ptr() != self.master.data_ptr() or target.dtype != self.master.dtype:
+                target.copy_(self.master)
+        if self.policy.shard_params:
+            refresh(self.shard)
+        elif not self.policy.shard_optimizer:
+            refresh(self.full)
+        else:
+            own = self.full[self.lo:self.hi]
+            refresh(own)
+            comm.all_gather(self.full, own.clone(), self.group)
+
+    # ---------------------------------------------------------------- gradients
+    def _pack(self, flat: torch.Tensor, *, accumulate: bool) -> None:
+        """Move each parameter's ``.grad`` into ``flat`` (adding if ``accumulate``)."""
+        keep_views = flat is self.grad_full and self.reduce_dtype == self.param_dtype
+        for p, view in zip(self.params, self.layout.views(flat)):
+            g = p.grad
+            if g is not None and g.data_ptr() == view.data_ptr():
+                continue                      # autograd already accumulated into our buffer
+            if g is None:
+                if not accumulate:
+                    view.zero_()
+            elif accumulate:
+                view.add_(g)
+            else:
+                view.copy_(g)
+            p.grad = view if keep_views else None
+        if not accumulate:
+            flat[self.layout.numel:].zero_()
+
+    def reduce_grads(self) -> comm.Handle:
+        """Reduce this unit's gradients over dp; the returned handle finishes the bookkeeping."""
+        if self.policy.shard_grads:
+            full = torch.empty(self.layout.padded, dtype=self.reduce_dtype, device=self.grad_shard.device)
+            self._pack(full, accumulate=False)
+            if not self.accum_valid:
+                self.accum_valid = True
+                return comm.reduce_scatter(self.grad_shard, full, self.group, async_op=True)
+            out = torch.empty_like(self.grad_shard)
+            handle = comm.reduce_scatter(out, full, self.group, async_op=True)
+            return comm.Handle(handle, lambda: self.grad_shard.add_(out))
+        self._pack(self.grad_full, accumulate=self.accum_valid)
+        self.accum_valid = True
+        if self.policy.reduce == "all_reduce":
+            return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
+        out = torch.empty(self.layout.shard_numel, dtype=self.reduce_dtype, device=self.grad_full.device)
+        handle = comm.reduce_scatter(out, self.grad_full, self.group, async_op=True)
+
+        def keep_own_slice():
+            self.grad_full.zero_()
+            self.grad_full[self.lo:self.hi].copy_(out)
+        return comm.Handle(handle, keep_own_slice)
+
+    def grad_region(self) -> torch.Tensor:
+        """The reduced gradient matching ``master`` (SUM over dp for stages 1–3)."""
+        if self.policy.shard_grads:
+            return self.grad_shard
+        return self.grad_full[self.lo:self.hi] if self.policy.shard_optimizer else self.grad_full
+
+    def zero_grads(self) -> None:
+        for buf in (self.grad_full, self.grad_shard):
+            if buf is not None:
+                buf.zero_()
+        for p in self.params:
+            p.grad = None
+        self.accum_valid = False
+
+    @property
+    def region(self) -> tuple[int, int]:
+        """The [lo, hi) range of the flat buffer this rank's master and optimizer state cover."""
+        return (self.lo, self.hi) if self.policy.shard_optimizer else (0, self.layout.padded)
