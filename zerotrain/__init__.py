@@ -2,10 +2,11 @@
 from .distributed import Mesh, comm_report, init_distributed, reset_comm_report
 from .parallel.precision import LossScaleConfig, MixedPrecision
 from .parallel.zero import ShardedOptimizer, StepInfo, memory_report, shard_model
+from .engine import Engine, add_config_arguments, initialize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "init_distributed", "Mesh", "shard_model", "ShardedOptimizer", "StepInfo", "MixedPrecision",
-    "LossScaleConfig", "memory_report", "comm_report", "reset_comm_report", "__version__",
+    "LossScaleConfig", "memory_report", "comm_report", "reset_comm_report", "initialize", "Engine", "add_config_arguments", "__version__",
 ]

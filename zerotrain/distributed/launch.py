@@ -1,6 +1,7 @@
 """Process-group initialisation: from torchrun's environment, an explicit store, or none at all."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -19,18 +20,20 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(*, tp: int = 1, backend: str | None = None, init_method: str | None = None,
+def init_distributed(backend: str | None = None, *, tp: int = 1, init_method: str | None = None,
                      rank: int | None = None, world_size: int | None = None,
-                     timeout_s: float = 300.0) -> Mesh:
+                     timeout_s: float = 300.0, dist_backend: str | None = None) -> Mesh:
     """Initialise torch.distributed and return the dp × tp :class:`Mesh`.
 
     * Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), joins that group.
     * With ``init_method`` (e.g. ``"file:///tmp/store"``) plus ``rank``/``world_size``, joins it.
     * Otherwise runs as a single process: no process group, every collective is a no-op.
 
-    The backend is gloo on CPU and nccl when CUDA is present, unless ``backend`` says otherwise.
+    The backend is gloo on CPU and nccl when CUDA is present, unless ``backend`` says otherwise
+    (``dist_backend`` is the same, under DeepSpeed's name).
     Calling it again when already initialised just builds the mesh.
     """
+    backend = backend or dist_backend
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     if not dist.is_initialized():
@@ -51,9 +54,25 @@ def init_distributed(*, tp: int = 1, backend: str | None = None, init_method: st
             local = int(os.environ.get("LOCAL_RANK", rank or 0))
             torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group(**kwargs)
+        # Tear the group down before interpreter shutdown: a gloo group destroyed during teardown
+        # can abort the process ("terminate called without an active exception").
+        atexit.register(_destroy_at_exit)
     return Mesh.build(tp=tp)
 
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    """Leave together: a rank that closes its gloo connections while a peer is still tearing
+    down can make the peer abort. A bounded barrier first (a crashed peer cannot hang exit)."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+        pass
+    destroy_distributed()

@@ -12,10 +12,31 @@ the collectives — a rank-dependent order would hang or mix up buffers.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch.utils._pytree import tree_flatten
 
 from .unit import ShardedUnit, UnitState
+
+
+def _tensors_in(output) -> list[torch.Tensor]:
+    """Tensors in a module's output: nested tuples/lists/dicts and dict-like results (e.g. a
+    HuggingFace ModelOutput), found even when the container is not a registered pytree node."""
+    found, stack = [], [output]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, Mapping):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        else:
+            leaves = tree_flatten(obj)[0]
+            if not (len(leaves) == 1 and leaves[0] is obj):     # a registered container
+                stack.extend(leaves)
+    return found
 
 
 class StepSchedule:
@@ -58,7 +79,7 @@ class StepSchedule:
             else:
                 unit.reshard()
         if torch.is_grad_enabled():
-            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            tensors = [t for t in _tensors_in(output) if t.requires_grad]
             if tensors:
                 torch.autograd.graph.register_multi_grad_hook(
                     tensors, lambda grads: self.pre_backward(unit), mode="any")
