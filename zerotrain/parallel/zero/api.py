@@ -86,6 +86,12 @@ class ShardedModule:
         finally:
             sched.require_sync = prev
 
+    def state_dict(self, *args, **kwargs):
+        """The module's state dict (stages 0–2; at stage 3 use ``full_state_dict``)."""
+        for u in self.zero_state.units:
+            u.wait_params()
+        return super().state_dict(*args, **kwargs)
+
     @contextlib.contextmanager
     def gathered_parameters(self):
         """Full parameters on every rank inside the block (stage 3 gathers them; read-only use)."""

@@ -63,9 +63,9 @@ class StepSchedule:
         if unit is self.root or (self.root is None and unit is self.units[0]):
             self._last_fwd_order, self._fwd_order = (self._fwd_order or self._last_fwd_order), []
         self._fwd_order.append(unit)
+        unit.unshard()                      # stage 3 gathers; stages 1-2 finish the post-step gather
         if not unit.policy.shard_params:
             return
-        unit.unshard()
         if self.prefetch:
             nxt = self._neighbour(self._last_fwd_order, unit, +1)
             if nxt is not None:

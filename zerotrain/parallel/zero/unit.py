@@ -109,7 +109,7 @@ class ShardedUnit:
         self.state = UnitState.SHARDED
 
     def after_step(self) -> None:
-        """Make the parameters reflect the updated master (stages 1–2 all-gather them)."""
+        """Make the parameters reflect the updated master (stages 1–2 all-gather them, async)."""
         def refresh(target: torch.Tensor) -> None:
             if target.data_ptr() != self.master.data_ptr() or target.dtype != self.master.dtype:
                 target.copy_(self.master)
@@ -118,9 +118,20 @@ class ShardedUnit:
         elif not self.policy.shard_optimizer:
             refresh(self.full)
         else:
+            self.wait_params()                # a gather still in flight would overwrite the slice
             own = self.full[self.lo:self.hi]
             refresh(own)
-            comm.all_gather(self.full, own.clone(), self.group)
+            # Asynchronous: the next forward waits for each unit just before using it, so the
+            # gather overlaps the forward of the units before it.
+            inp = own.clone()
+            handle = comm.all_gather(self.full, inp, self.group, async_op=True)
+            self._gather_handle = comm.Handle(handle, lambda: inp)     # keeps the input alive
+            self.state = UnitState.GATHERING
+
+    def wait_params(self) -> None:
+        """Finish a post-step gather (stages 1–2); a no-op otherwise."""
+        if self.state is UnitState.GATHERING and not self.policy.shard_params:
+            self.unshard()
 
     # ---------------------------------------------------------------- gradients
     def _pack(self, flat: torch.Tensor, *, accumulate: bool) -> None:
