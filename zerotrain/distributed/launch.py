@@ -50,6 +50,8 @@ def init_distributed(backend: str | None = None, *, tp: int = 1, init_method: st
             if rank is None or world_size is None:
                 raise ValueError("init_method needs rank= and world_size=")
             kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
+        elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            kwargs.update(_elastic_store(timeout_s))
         if backend == "nccl":
             local = int(os.environ.get("LOCAL_RANK", rank or 0))
             torch.cuda.set_device(local % torch.cuda.device_count())
@@ -58,6 +60,17 @@ def init_distributed(backend: str | None = None, *, tp: int = 1, init_method: st
         # can abort the process ("terminate called without an active exception").
         atexit.register(_destroy_at_exit)
     return Mesh.build(tp=tp)
+
+
+def _elastic_store(timeout_s: float) -> dict:
+    """Join torchrun's store under a per-restart prefix. After an elastic restart the store still
+    holds the previous attempt's addresses; reading one of them fails with "connection refused"."""
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=None,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(f"zerotrain/attempt{attempt}", store), "rank": rank, "world_size": world}
 
 
 def destroy_distributed() -> None:

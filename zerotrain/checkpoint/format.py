@@ -1,0 +1,209 @@
+"""The on-disk format of a zerotrain checkpoint: names, the JSON codec and the manifest.
+
+A checkpoint is a directory ``<root>/<tag>/`` holding
+
+* ``rank00000.safetensors`` … one file per rank: 1-D tensors keyed ``<kind>/<param name>/<lo>-<hi>``
+  (``kind`` is ``master``, ``state.<key>`` for an optimizer state tensor, or ``extra`` for a buffer
+  or frozen parameter; ``[lo, hi)`` is the range of the parameter's flattened local tensor), plus
+  that rank's RNG state (``rng/torch``, ``rng/cuda<i>``);
+* ``manifest.json``: format version, step, layout (stage, dp, tp, world, dtypes), for every
+  parameter its shape, dtype, tensor-parallel split and the list of slices with the file that holds
+  each, optimizer groups / state keys / scalar states, scheduler, loss scaler, per-rank RNG
+  (JSON part), client state, model config, library version, and the sha256 and size of each file.
+
+``<root>/latest`` holds the tag of the newest committed checkpoint. Nothing is ever pickled: the
+manifest is JSON (tuples, non-string keys and 0-d tensors are tagged so they round-trip exactly)
+and tensors are safetensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = "zerotrain-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_TUPLE, _DICT, _SCALAR = "__zt_tuple__", "__zt_dict__", "__zt_scalar__"
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
+          "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"checkpoint: unknown dtype {name!r} in the manifest; known: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.safetensors"
+
+
+def tensor_key(kind: str, name: str, lo: int, hi: int) -> str:
+    return f"{kind}/{name}/{lo}-{hi}"
+
+
+def default_tag(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def check_tag(tag) -> str:
+    if not isinstance(tag, str) or not tag or tag.startswith(".") or "/" in tag or "\\" in tag \
+            or tag == LATEST:
+        raise ValueError(f"checkpoint tag={tag!r} is not a valid directory name; use a non-empty "
+                         f"name without '/' that does not start with '.' and is not '{LATEST}'")
+    return tag
+
+
+# ------------------------------------------------------------------ JSON codec
+def to_json(value, where: str):
+    """Plain-JSON form of ``value``; raises ValueError naming ``where`` for anything else."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {_SCALAR: repr(value), "dtype": "float"}
+    if isinstance(value, list):
+        return [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {_TUPLE: [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: to_json(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {_DICT: [[to_json(k, f"{where} key {k!r}"), to_json(v, f"{where}[{k!r}]")]
+                        for k, v in value.items()]}
+    if torch.is_tensor(value) and value.dim() == 0 and value.dtype in DTYPES.values():
+        return {_SCALAR: value.item(), "dtype": dtype_name(value.dtype)}
+    raise ValueError(
+        f"checkpoint: {where} is a {type(value).__module__}.{type(value).__qualname__}, which cannot "
+        "be stored as JSON (zerotrain checkpoints hold no pickle). Keep it to None, bool, int, float, "
+        "str, lists, tuples, dicts and 0-d tensors, or store it elsewhere")
+
+
+def from_json(value):
+    if isinstance(value, list):
+        return [from_json(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TUPLE in value:
+        return tuple(from_json(v) for v in value[_TUPLE])
+    if _DICT in value:
+        return {from_json(k): from_json(v) for k, v in value[_DICT]}
+    if _SCALAR in value:
+        if value["dtype"] == "float":
+            return float(value[_SCALAR])
+        return torch.tensor(value[_SCALAR], dtype=dtype_of(value["dtype"]))
+    return {k: from_json(v) for k, v in value.items()}
+
+
+# ------------------------------------------------------------------ files
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON and fsync it (the caller renames it into place)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Streamed sha256 (constant memory)."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} has no {MANIFEST}; it is not a "
+                                "committed zerotrain checkpoint (an interrupted save leaves none)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint manifest {path} is not valid JSON ({exc}); the file is damaged") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a zerotrain checkpoint manifest (format field "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
+                         f"by this zerotrain (it reads version {FORMAT_VERSION}); use a matching release")
+    return manifest
+
+
+def verify_file(ckpt_dir: Path, name: str, manifest: dict) -> Path:
+    """Check size and sha256 of ``name`` against the manifest; returns its path."""
+    info = manifest["files"].get(name)
+    path = Path(ckpt_dir) / name
+    if info is None:
+        raise ValueError(f"checkpoint {ckpt_dir}: {name} is not listed in {MANIFEST}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} is missing")
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        raise ValueError(f"checkpoint file {path} has {size} bytes, the manifest says {info['bytes']}: "
+                         "the file is truncated or altered")
+    if sha256_file(path) != info["sha256"]:
+        raise ValueError(f"checkpoint file {path} fails its sha256 check: the file is corrupted or altered")
+    return path
+
+
+# ------------------------------------------------------------------ roots and tags
+def latest_tag(root) -> str | None:
+    """The tag ``<root>/latest`` points to, or None when there is none."""
+    path = Path(root) / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text(encoding="utf-8").strip()
+    return tag or None
+
+
+def write_latest(root: Path, tag: str) -> None:
+    """Point ``latest`` at ``tag`` atomically (temp file, fsync, os.replace, fsync the directory)."""
+    tmp = root / f".{LATEST}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    fsync_dir(root)
+
+
+def resolve(path, tag: str | None = None) -> Path:
+    """The checkpoint directory for ``path``: a checkpoint directory itself, a checkpoint root
+    (``tag`` or its ``latest``), or a run directory whose checkpoints are in ``checkpoints/``."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() and tag in (None, path.name):
+        return path
+    if not (path / LATEST).exists() and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if tag is None:
+        tag = latest_tag(path)
+        if tag is None:
+            raise FileNotFoundError(f"no checkpoint in {path}: it has no '{LATEST}' pointer and no "
+                                    f"{MANIFEST} (save one first, or pass tag=)")
+    ckpt = path / check_tag(tag)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
+    return ckpt

@@ -1,0 +1,182 @@
+"""``load``: restore a checkpoint into a sharded model (and optimizer, scheduler) at any ZeRO stage,
+data-parallel size and, for parameters split by tensor parallelism, any tp degree.
+
+Each rank reads only the slices its own master and optimizer state cover, as positioned reads
+of those byte ranges straight into the master and state tensors (no mapping, no staging copy), so
+a rank's host memory grows by exactly the state it restores, whatever the number of ranks that
+wrote the checkpoint. Then the parameters are made to follow the master exactly as after an
+optimizer step (``unit.after_step()``: a copy, and an all-gather at stages 1–2).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..distributed import comm
+from . import rng
+from .collect import global_shape, param_names, split_state_dict, tp_rank_of, tp_spec, zero_state_of
+from .format import dtype_of, from_json, read_manifest, resolve
+from .source import ParamSource
+from .tensorfile import ShardReader
+
+log = logging.getLogger("zerotrain")
+
+
+def load(root, *, model, optimizer=None, scheduler=None, tag: str | None = None, verify: bool = True) -> dict:
+    """Load ``<root>/<tag>`` (``tag=None``: the one ``latest`` points to; ``root`` may also be a
+    checkpoint directory or a run directory) into ``model`` (sharded by ``shard_model``), and
+    ``optimizer``/``scheduler`` if given. Collective. Returns ``{"step", "client_state", "tag", "path"}``.
+    ``verify`` checks the sha256 of every file this rank reads."""
+    zs = zero_state_of(model, "load")
+    ckpt = resolve(root, tag)
+    manifest = read_manifest(ckpt)
+    _check_compatible(manifest, model, zs, optimizer=optimizer, scheduler=scheduler, ckpt=ckpt)
+    error, status = None, None
+    try:
+        with ShardReader(ckpt, manifest, verify=verify) as reader:
+            source = ParamSource(manifest, reader)
+            _load_master(zs, source)
+            _load_extras(model, zs, source)
+            if optimizer is not None:
+                _load_optimizer_state(optimizer, source)
+            _load_rng(zs, manifest, reader)
+    except Exception as exc:  # noqa: BLE001 - every rank raises together below
+        error, status = exc, f"{type(exc).__name__}: {exc}"
+    statuses = comm.all_gather_object(status, zs.mesh.world_group)
+    if error is not None:
+        raise error
+    for rank, st in enumerate(statuses):
+        if st:
+            raise RuntimeError(f"checkpoint.load: rank {rank} failed: {st}")
+    for u in zs.units:
+        u.after_step()
+    if optimizer is not None:
+        _load_optimizer_hyper(optimizer, manifest["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(from_json(manifest["scheduler"]["state"]))
+    log.info("checkpoint: loaded %s (step %d, saved at stage %d dp %d tp %d)", ckpt, manifest["step"],
+             manifest["layout"]["stage"], manifest["layout"]["dp"], manifest["layout"]["tp"])
+    return {"step": manifest["step"], "client_state": from_json(manifest["client_state"]),
+            "tag": manifest["tag"], "path": Path(ckpt)}
+
+
+# ------------------------------------------------------------------ checks (no collective)
+def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt) -> None:
+    saved = manifest["params"]
+    mine = {slot.name: (slot.shape, p) for u in zs.units for slot, p in zip(u.layout.slots, u.params)}
+    missing = [n for n in mine if n not in saved]
+    unexpected = [n for n in saved if n not in mine]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpt} does not match the model: missing from the checkpoint "
+                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, not in the model "
+                         f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the model it "
+                         "was saved from")
+    for name, (shape, p) in mine.items():
+        want = global_shape(shape, tp_spec(p))
+        have = global_shape(saved[name]["shape"], saved[name]["tp"])
+        if want != have:
+            raise ValueError(f"checkpoint {ckpt}: parameter {name!r} has shape {have} in the checkpoint "
+                             f"and {want} in the model; build the model with the saved configuration")
+    _, extras = split_state_dict(model, zs)
+    absent = [n for n in extras if n not in manifest["extras"]]
+    if absent:
+        raise ValueError(f"checkpoint {ckpt} lacks buffers/frozen parameters {absent[:5]} of the model")
+    if optimizer is not None:
+        _check_optimizer(manifest.get("optimizer"), optimizer, zs, ckpt)
+    if scheduler is not None and manifest.get("scheduler") is None:
+        raise ValueError(f"checkpoint {ckpt} has no scheduler state; pass scheduler=None to load it")
+
+
+def _check_optimizer(meta, optimizer, zs, ckpt) -> None:
+    if meta is None:
+        raise ValueError(f"checkpoint {ckpt} has no optimizer state; pass optimizer=None to load the "
+                         "model only")
+    if getattr(optimizer, "model", None) is None or optimizer.zs is not zs:
+        raise ValueError("checkpoint.load: optimizer is not a zerotrain.ShardedOptimizer of this model")
+    cls = type(optimizer.inner).__qualname__
+    if meta["class"] != cls:
+        raise ValueError(f"checkpoint {ckpt} holds {meta['class']} state, the optimizer is {cls}; "
+                         f"build a {meta['class']} (or load with optimizer=None)")
+    names = param_names(zs)
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    saved = [g["params"] for g in meta["param_groups"]]
+    if [sorted(g) for g in groups] != [sorted(g) for g in saved]:
+        raise ValueError(f"checkpoint {ckpt}: the optimizer's param groups ({len(groups)} groups) hold other "
+                         f"parameters than the saved ones ({len(saved)} groups); build the groups the same way")
+
+
+# ------------------------------------------------------------------ data
+def _load_master(zs, source: ParamSource) -> None:
+    with torch.no_grad():
+        for u in zs.units:
+            base = u.region[0]
+            for i, s, e in u.layout.pieces_in(*u.region):
+                slot, p = u.layout.slots[i], u.params[i]
+                source.read_into(u.master[s - base:e - base], slot.name, "master", s - slot.offset,
+                                 target=tp_spec(p), target_rank=tp_rank_of(p))
+
+
+def _load_extras(model, zs, source: ParamSource) -> None:
+    _, extras = split_state_dict(model, zs)
+    with torch.no_grad():
+        for name, t in extras.items():
+            flat = t.view(-1) if t.is_contiguous() else torch.empty(t.numel(), dtype=t.dtype)
+            source.read_into(flat, name, "extra", 0, target=tp_spec(t), target_rank=tp_rank_of(t), group="extras")
+            if not t.is_contiguous():
+                t.copy_(flat.view(t.shape))
+
+
+def _scalar_tensor(value, dtype: str | None, device):
+    value = from_json(value)
+    return value if dtype is None else torch.tensor(value, dtype=dtype_of(dtype), device=device)
+
+
+def _load_optimizer_state(optimizer, source: ParamSource) -> None:
+    state_dtypes = source.manifest["optimizer"]["state"]
+    with torch.no_grad():
+        for pc in optimizer._pieces:
+            u = pc.unit
+            first = u.layout.slots[pc.slots[0][0]].name
+            scalars = source.meta(first)["scalars"]
+            old = optimizer.inner.state.pop(pc.tensor, {})
+            if not state_dtypes and not scalars:
+                continue                          # saved before the first step: no state
+            group = optimizer.inner.param_groups[pc.group]
+            scalar_device = pc.tensor.device if group.get("capturable") or group.get("fused") else "cpu"
+            new = {k: _scalar_tensor(v, dt, old[k].device if torch.is_tensor(old.get(k)) else scalar_device)
+                   for k, (v, dt) in scalars.items()}
+            for key, dt in state_dtypes.items():
+                buf = old.get(key)
+                if not (torch.is_tensor(buf) and buf.shape == pc.tensor.shape and buf.dtype == dtype_of(dt)):
+                    buf = torch.empty(pc.tensor.shape, dtype=dtype_of(dt), device=pc.tensor.device)
+                flat = buf.view(-1)
+                for i, s, e in pc.slots:
+                    slot, p = u.layout.slots[i], u.params[i]
+                    source.read_into(flat[s - pc.start:e - pc.start], slot.name, f"state.{key}",
+                                     s - slot.offset, target=tp_spec(p), target_rank=tp_rank_of(p))
+                new[key] = buf
+            optimizer.inner.state[pc.tensor] = new
+
+
+def _load_optimizer_hyper(optimizer, meta: dict) -> None:
+    for g, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        g.update(from_json(saved["hyper"]))
+    for outer, inner in zip(optimizer.param_groups, optimizer.inner.param_groups):
+        inner.update({k: v for k, v in outer.items() if k != "params"})
+    if optimizer.scaler is not None and meta.get("scaler") is not None:
+        optimizer.scaler.load_state_dict(from_json(meta["scaler"]))
+
+
+def _load_rng(zs, manifest: dict, reader: ShardReader) -> None:
+    """Restore this rank's RNG when the checkpoint was written by the same layout of ranks."""
+    mesh, ranks = zs.mesh, manifest["ranks"]
+    layout = manifest["layout"]
+    if (layout["dp"], layout["tp"]) != (mesh.dp, mesh.tp) or len(ranks) != mesh.world_size:
+        log.info("checkpoint: saved by dp=%d tp=%d, loading at dp=%d tp=%d: RNG states not restored",
+                 layout["dp"], layout["tp"], mesh.dp, mesh.tp)
+        return
+    entry = ranks[mesh.rank]
+    tensors = {k: reader.read(entry["file"], k) for k in reader.keys(entry["file"]) if k.startswith("rng/")}
+    rng.restore(tensors, entry["rng"])
