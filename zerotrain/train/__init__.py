@@ -1,0 +1,1 @@
+"""Training, evaluation and generation of the GPT: ``zerotrain train | eval | generate``."""
