@@ -40,6 +40,7 @@ def _tensors_in(output) -> list[torch.Tensor]:
 
 
 class StepSchedule:
+    MAX_IN_FLIGHT = 2
     def __init__(self, units: list[ShardedUnit], root: ShardedUnit | None, *, prefetch: bool):
         self.units = units
         self.root = root
@@ -122,8 +123,16 @@ class StepSchedule:
             self._next_reduce += 1
             if self.require_sync:
                 self._pending.append(unit.reduce_grads())
+                self._bound_in_flight()
             if unit is not self.root or flush:
                 unit.reshard()
+
+    def _bound_in_flight(self):
+        """Each reduction in flight holds its unit's full-size gradient buffer: wait for the oldest
+        beyond MAX_IN_FLIGHT so backward's peak memory stays a few units, not the whole model."""
+        waiting = [h for h in self._pending if not h.is_completed()]
+        for handle in waiting[:-self.MAX_IN_FLIGHT]:
+            handle.wait()
 
     def end_backward(self):
         self._issue_ready(flush=True)

@@ -121,11 +121,10 @@ class ShardedUnit:
             self.wait_params()                # a gather still in flight would overwrite the slice
             own = self.full[self.lo:self.hi]
             refresh(own)
-            # Asynchronous: the next forward waits for each unit just before using it, so the
+            # In place (the input is this rank's slice of the output: no extra buffer) and
+            # asynchronous: the next forward waits for each unit just before using it, so the
             # gather overlaps the forward of the units before it.
-            inp = own.clone()
-            handle = comm.all_gather(self.full, inp, self.group, async_op=True)
-            self._gather_handle = comm.Handle(handle, lambda: inp)     # keeps the input alive
+            self._gather_handle = comm.all_gather(self.full, own, self.group, async_op=True)
             self.state = UnitState.GATHERING
 
     def wait_params(self) -> None:
