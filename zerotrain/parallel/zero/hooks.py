@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch.utils._pytree import tree_flatten
 
-from .unit import ShardedUnit, UnitState
+from .unit import ShardedUnit
 
 
 def _tensors_in(output) -> list[torch.Tensor]:
@@ -146,6 +146,3 @@ class StepSchedule:
         """Called by the optimizer before it reads gradients: nothing may still be in flight."""
         if self._pending:
             self.end_backward()
-
-    def any_unsharded(self) -> bool:
-        return any(u.state is not UnitState.SHARDED for u in self.units if u.policy.shard_params)
