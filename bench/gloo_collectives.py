@@ -1,0 +1,70 @@
+"""What each collective costs on gloo here, at the sizes a ZeRO unit has (2 ranks, one thread each).
+
+    .venv/bin/python bench/gloo_collectives.py [--mib 4 16 64] [--repeat 9]
+
+For a full buffer of B bytes: all_reduce(B); reduce_scatter_single(B -> B/2) and the same result
+from all_reduce + copy of the own half; all_gather_single(B/2 -> B) and the same result from one
+broadcast per rank. Median wall time over repeats, each after a barrier.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import exit_on_sigterm, spawn
+
+
+def _cases(rank: int, n: int) -> dict:
+    full, half, out = torch.randn(n), torch.randn(n // 2), torch.empty(n // 2)
+    gathered = torch.empty(n)
+
+    def rs_by_all_reduce():
+        dist.all_reduce(full)
+        out.copy_(full[rank * (n // 2):(rank + 1) * (n // 2)])
+
+    def ag_by_broadcasts():
+        chunks = gathered.chunk(2)
+        chunks[rank].copy_(half)
+        for w in [dist.broadcast(chunks[r], group_src=r, async_op=True) for r in range(2)]:
+            w.wait()
+
+    return {"all_reduce": lambda: dist.all_reduce(full),
+            "reduce_scatter_single": lambda: dist.reduce_scatter_single(out, full),
+            "reduce_scatter as all_reduce + copy": rs_by_all_reduce,
+            "all_gather_single": lambda: dist.all_gather_single(gathered, half),
+            "all_gather as 2 broadcasts": ag_by_broadcasts}
+
+
+def run(rank, world, sizes_mib, repeat):
+    table = {}
+    for mib in sizes_mib:
+        for name, fn in _cases(rank, mib * 2 ** 18).items():
+            times = []
+            for _ in range(repeat):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            table[(mib, name)] = statistics.median(times)
+    return table
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, nargs="+", default=[4, 16, 64], help="full buffer sizes (fp32 MiB)")
+    ap.add_argument("--repeat", type=int, default=9)
+    args = ap.parse_args()
+    exit_on_sigterm()
+    table = spawn(run, 2, args.mib, args.repeat)[0]
+    print("| full buffer | " + " | ".join(dict.fromkeys(n for _, n in table)) + " |")
+    print("|---|" + "---|" * len(dict.fromkeys(n for _, n in table)))
+    for mib in args.mib:
+        print(f"| {mib} MiB | " + " | ".join(f"{v * 1e3:.1f} ms" for (m, _), v in table.items() if m == mib) + " |")
+
+
+if __name__ == "__main__":
+    main()
