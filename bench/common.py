@@ -253,6 +253,20 @@ def _collect(procs, results, world, timeout, watchdog, poll_s):
     return [got[r] for r in range(world)]
 
 
+def code_version() -> str:
+    """The commit the run measured, and whether zerotrain/ had uncommitted changes (read-only git)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "zerotrain"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted zerotrain/ changes" if dirty else "")
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit, so spawn()'s cleanup kills the ranks (by PID) on the way out."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -23,8 +23,8 @@ from dataclasses import asdict, replace
 import torch
 
 import zerotrain
-from common import (BenchConfig, CollectiveCounter, comm_totals, exit_on_sigterm, formula_bytes,
-                    num_params, peak_rss_bytes, rank_batches, spawn, spread)
+from common import (BenchConfig, CollectiveCounter, code_version, comm_totals, exit_on_sigterm,
+                    formula_bytes, num_params, peak_rss_bytes, rank_batches, spawn, spread)
 from report import write_chart, write_markdown
 from systems import SYSTEMS, build, global_mean
 
@@ -50,8 +50,9 @@ def measure(rank: int, world: int, name: str, cfg: BenchConfig, bf16: bool) -> d
     counter = CollectiveCounter(world)
     with counter:
         losses.append(float(runner.step(*batches[-1], measure=True)))
-    return {"times": times[cfg.warmup:], "cpu": cpu[cfg.warmup:], "losses": global_mean(losses), "state": runner.state_bytes,
-            "counted": counter.counts, "zerotrain_comm": zerotrain.comm_report(), "rss": peak_rss_bytes()}
+    return {"times": times[cfg.warmup:], "cpu": cpu[cfg.warmup:], "losses": global_mean(losses),
+            "state": runner.state_bytes, "counted": counter.counts, "zerotrain_comm": zerotrain.comm_report(),
+            "rss": peak_rss_bytes()}
 
 
 def run_all(cfg: BenchConfig, systems: list[str], dtypes: list[str], rounds: int) -> list[dict]:
@@ -103,7 +104,8 @@ def _row(name, dtype, rs, ddp, ref, formula) -> dict:
         loss_diff = max(abs(a - b) for a, b in zip(first[0]["losses"], ref["ranks"][0]["losses"]))
     return {
         "system": name, "dtype": dtype, "stage": SYSTEMS[name].stage, "rounds": len(rs),
-        "per_round": {r["round"]: s for r, s in zip(rs, steps)}, "step_s": spread(steps), "cpu_s": spread(cpu), "vs_ddp": spread(ratios) if ratios else None,
+        "per_round": {r["round"]: s for r, s in zip(rs, steps)}, "step_s": spread(steps), "cpu_s": spread(cpu),
+        "vs_ddp": spread(ratios) if ratios else None,
         "rss": spread([max(rk["rss"] for rk in r["ranks"]) for r in rs]),
         "state": state, "formula": formula, "vs_formula": state["model_states"] / formula,
         "comm_bytes": max(t[0] for t in totals), "comm_wire": max(t[1] for t in totals),
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--systems: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
     rounds = args.rounds or (1 if args.quick else 3)
     print(f"model: {num_params(cfg) / 1e6:.2f}M parameters, {cfg}, torch {torch.__version__}", flush=True)
+    version = code_version()
     t0 = time.monotonic()
     runs = run_all(cfg, systems, args.dtypes.split(","), rounds)
     rows = summarize(runs, cfg)
@@ -150,7 +153,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     command = "python bench/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"config": asdict(cfg), "params": num_params(cfg), "rounds": rounds, "command": command.strip(),
-            "wall_s": round(time.monotonic() - t0), "torch": torch.__version__, "loss_tol": LOSS_TOL}
+            "wall_s": round(time.monotonic() - t0), "torch": torch.__version__, "loss_tol": LOSS_TOL,
+            "commit": version}
     md = write_markdown(os.path.join(args.out, stem + ".md"), rows, meta)
     write_chart(os.path.join(args.out, stem + ".png"), rows, meta)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:

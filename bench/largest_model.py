@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from common import (BenchConfig, RankFailed, current_rss_bytes, exit_on_sigterm, num_params, peak_rss_bytes,
+from common import (BenchConfig, RankFailed, code_version, current_rss_bytes, exit_on_sigterm, num_params, peak_rss_bytes,
                     rank_batches, spawn)
 from systems import SYSTEMS, build, global_mean
 
@@ -118,7 +118,8 @@ def search(name: str, budget: float, *, bf16: bool, tol: float, timeout: float) 
 
 def write(out_dir: str, results: list[dict], meta: dict) -> str:
     ddp = next((r["best"]["params"] for r in results if r["system"] == "ddp" and r["best"]), None)
-    lines = [f"Command: `{meta['command']}` (wall {meta['wall_s']} s, torch {meta['torch']}); budget "
+    lines = [f"Command: `{meta['command']}` (wall {meta['wall_s']} s, torch {meta['torch']}, zerotrain at "
+             f"{meta['commit']}); budget "
              f"{meta['budget_gb']} GB total RSS of 2 ranks, {meta['dtype']}, AdamW, micro-batch 1 × seq {SEQ}, "
              f"vocab {VOCAB}, 3 steps; search tolerance {meta['tol']:.0%}.", "",
              "| system | largest that trains | shape (layers × width) | × DDP | peak RSS per rank (GB) "
@@ -159,12 +160,13 @@ def main(argv=None) -> int:
     if budget > avail - 1.5 * GB:
         raise SystemExit(f"--budget-gb {args.budget_gb}: only {avail / GB:.1f} GB is available now "
                          f"(others use this machine); pass --budget-gb {max(1.0, (avail / GB) - 2):.0f} or less")
+    version = code_version()
     t0 = time.monotonic()
     results = [search(s, budget, bf16=args.bf16, tol=args.tol, timeout=args.timeout)
                for s in args.systems.split(",")]
     meta = {"command": "python bench/largest_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "budget_gb": args.budget_gb, "dtype": "bf16" if args.bf16 else "fp32", "tol": args.tol,
-            "wall_s": round(time.monotonic() - t0), "torch": torch.__version__, "name": args.name,
+            "wall_s": round(time.monotonic() - t0), "torch": torch.__version__, "name": args.name, "commit": version,
             "candidate": asdict(candidate(1e8)) | {"n_layer": "scaled", "n_embd": "scaled", "n_head": "d/64"}}
     os.makedirs(args.out, exist_ok=True)
     print(write(args.out, results, meta))

@@ -78,7 +78,8 @@ def targets(rows) -> list[str]:
 
 def write_markdown(path: str, rows, meta) -> str:
     cfg = meta["config"]
-    lines = [f"Command: `{meta['command']}` (wall {meta['wall_s']} s, torch {meta['torch']})", "",
+    lines = [f"Command: `{meta['command']}` (wall {meta['wall_s']} s, torch {meta['torch']}, zerotrain at "
+             f"{meta.get('commit', 'unknown')})", "",
              f"GPT {meta['params'] / 1e6:.2f}M parameters (n_layer {cfg['n_layer']}, n_embd {cfg['n_embd']}, "
              f"vocab {cfg['vocab_size']}, seq {cfg['seq_len']}), micro-batch {cfg['micro_batch']} per rank, "
              f"world {cfg['world']} (gloo, spawned, OMP_NUM_THREADS=1), AdamW; {meta['rounds']} interleaved "
