@@ -3,7 +3,7 @@
     .venv/bin/python bench/gloo_collectives.py [--mib 4 16 64] [--repeat 9]
 
 For a full buffer of B bytes: all_reduce(B); reduce_scatter_single(B -> B/2) and the same result
-from all_reduce + copy of the own half; all_gather_single(B/2 -> B) and the same result from one
+from all_reduce + copy of the own half, or from send/recv of the peer's half + add (a 2-rank ring); all_gather_single(B/2 -> B) and the same result from one
 broadcast per rank. Median wall time over repeats, each after a barrier.
 """
 from __future__ import annotations
@@ -26,6 +26,14 @@ def _cases(rank: int, n: int) -> dict:
         dist.all_reduce(full)
         out.copy_(full[rank * (n // 2):(rank + 1) * (n // 2)])
 
+    def rs_by_send_recv():               # the 2-rank ring: send the peer's half, add the received one
+        half_n, peer = n // 2, 1 - rank
+        recv = torch.empty(half_n)
+        works = [dist.isend(full[peer * half_n:(peer + 1) * half_n], peer), dist.irecv(recv, peer)]
+        for w in works:
+            w.wait()
+        torch.add(full[rank * half_n:(rank + 1) * half_n], recv, out=out)
+
     def ag_by_broadcasts():
         chunks = gathered.chunk(2)
         chunks[rank].copy_(half)
@@ -35,6 +43,7 @@ def _cases(rank: int, n: int) -> dict:
     return {"all_reduce": lambda: dist.all_reduce(full),
             "reduce_scatter_single": lambda: dist.reduce_scatter_single(out, full),
             "reduce_scatter as all_reduce + copy": rs_by_all_reduce,
+            "reduce_scatter as send/recv + add": rs_by_send_recv,
             "all_gather_single": lambda: dist.all_gather_single(gathered, half),
             "all_gather as 2 broadcasts": ag_by_broadcasts}
 
