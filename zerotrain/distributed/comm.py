@@ -13,6 +13,15 @@ reduce-scatter followed by an all-gather). ``wire_bytes`` is what one rank sends
 
 Groups are always arguments. ``None`` here means "a group of one" (no process group), never the
 default world group: callers hold their groups in a :class:`~zerotrain.distributed.mesh.Mesh`.
+
+Algorithms. On gloo with CPU tensors, reduce-scatter and all-gather are built from point-to-point
+messages: every rank sends each peer the chunk that peer owns (reduce-scatter) or its own shard
+(all-gather) and receives straight into place. That is the ring's volume, (N - 1)/N of the buffer
+per rank, with no staging copies; measured here it is 2-3x faster than gloo's
+``reduce_scatter_single`` / ``all_gather_single`` (``bench/gloo_collectives.py``). The received
+chunks are summed in rank order on the caller's thread when the handle is waited on. Other
+backends (NCCL) use their native collectives. ``set_point_to_point(False)`` forces the native ones
+everywhere (the tests run both).
 """
 from __future__ import annotations
 
@@ -44,6 +53,31 @@ class _Stats:
 
 
 _STATS = _Stats()
+_P2P = {"enabled": True, "tags": defaultdict(int), "backend": {}}
+
+
+def set_point_to_point(enabled: bool) -> None:
+    """Use point-to-point reduce-scatter / all-gather on gloo CPU groups (the default) or not."""
+    _P2P["enabled"] = bool(enabled)
+
+
+def _use_p2p(group, tensor: torch.Tensor) -> bool:
+    if not _P2P["enabled"] or tensor.device.type != "cpu":
+        return False
+    key = id(group)
+    if key not in _P2P["backend"]:
+        _P2P["backend"][key] = dist.get_backend(group)
+    return _P2P["backend"][key] == "gloo"
+
+
+def _next_tag(group) -> int:
+    # Every rank issues the same collectives in the same order, so a per-group counter gives the
+    # same tag for the same collective on every rank; distinct tags keep concurrent collectives'
+    # messages apart whatever order they arrive in.
+    with _STATS.lock:
+        tag = _P2P["tags"][id(group)]
+        _P2P["tags"][id(group)] = (tag + 1) % (1 << 30)
+    return tag
 
 
 def group_size(group) -> int:
@@ -58,18 +92,18 @@ class Handle:
     """What an async collective returns: ``wait()`` it, then read the result."""
 
     def __init__(self, work=None, then=None):
-        self._work, self._then = work, then
+        self._work = [] if work is None else (list(work) if isinstance(work, (list, tuple)) else [work])
+        self._then = then
 
     def wait(self):
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
+        while self._work:
+            self._work.pop(0).wait()
         if self._then is not None:
             then, self._then = self._then, None
             then()
 
     def is_completed(self) -> bool:
-        return self._work is None and self._then is None
+        return not self._work and self._then is None
 
 
 def _record(name: str, tensor: torch.Tensor, group, volume_factor: int):
@@ -115,21 +149,81 @@ def all_gather(output: torch.Tensor, shard: torch.Tensor, group, *, async_op: bo
             output.copy_(shard.view_as(output))
         return Handle()
     _record("all_gather", output, group, 1)
+    if _use_p2p(group, output):
+        return _finish(_p2p_all_gather(output, shard, group, n), None, async_op)
     work = dist.all_gather_single(output, shard, group=group, async_op=True)
     return _finish(work, None, async_op)
 
 
+def _p2p_all_gather(output, shard, group, n) -> list:
+    me, tag = group_rank(group), _next_tag(group)
+    chunks = output.view(n, -1)
+    if chunks[me].data_ptr() != shard.data_ptr():
+        chunks[me].copy_(shard.view(-1))
+    send = chunks[me]
+    works = []
+    for k in range(1, n):                  # staggered peers: rank r talks to r+1 first
+        dst, src = (me + k) % n, (me - k) % n
+        works.append(dist.isend(send, group=group, group_dst=dst, tag=tag))
+        works.append(dist.irecv(chunks[src], group=group, group_src=src, tag=tag))
+    return works
+
+
 def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False) -> Handle:
-    """SUM-reduce ``full`` over the group and leave this rank's 1/N slice in ``output``."""
+    """SUM-reduce ``full`` over the group and leave this rank's 1/N slice in ``output``.
+
+    ``output`` may be this rank's own chunk of ``full`` (an in-place reduce-scatter); the other
+    chunks of ``full`` are then left as they were.
+    """
     n = group_size(group)
     if full.numel() != n * output.numel():
         raise ValueError(f"reduce_scatter: input has {full.numel()} elements, expected {n} x {output.numel()}")
+    if _overlaps(output, full) and output.data_ptr() != full.data_ptr() + group_rank(group) * output.nbytes:
+        raise ValueError("reduce_scatter: an output inside the input must be this rank's own chunk "
+                         "(full.view(N, -1)[rank]); pass a separate output tensor otherwise")
     if n == 1:
-        output.copy_(full.view_as(output))
+        if output.data_ptr() != full.data_ptr():
+            output.copy_(full.view_as(output))
         return Handle()
     _record("reduce_scatter", full, group, 1)
+    if _use_p2p(group, full):
+        works, then = _p2p_reduce_scatter(output, full, group, n)
+        return _finish(works, then, async_op)
+    if _overlaps(output, full):
+        tmp = torch.empty_like(output)
+        work = dist.reduce_scatter_single(tmp, full, group=group, async_op=True)
+        return _finish(work, lambda: output.copy_(tmp), async_op)
     work = dist.reduce_scatter_single(output, full, group=group, async_op=True)
     return _finish(work, None, async_op)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _p2p_reduce_scatter(output, full, group, n):
+    me, tag = group_rank(group), _next_tag(group)
+    chunks = full.view(n, -1)
+    out = output.view(-1)
+    in_place = _overlaps(output, full)
+    # Received chunks land in ``output`` itself when it is a separate buffer (the first one), the
+    # rest in a scratch buffer: with two ranks a separate output needs no scratch at all.
+    spare = n - 1 if in_place else n - 2
+    scratch = torch.empty((spare, out.numel()), dtype=full.dtype, device=full.device) if spare else None
+    targets = ([] if in_place else [out]) + (list(scratch) if spare else [])
+    works = []
+    for k in range(1, n):                  # staggered: rank r sends to r+k and receives from r-k
+        dst, src = (me + k) % n, (me - k) % n
+        works.append(dist.isend(chunks[dst], group=group, group_dst=dst, tag=tag))
+        works.append(dist.irecv(targets[k - 1], group=group, group_src=src, tag=tag))
+
+    def add_up():
+        if not in_place:
+            out.add_(chunks[me])
+        for row in (scratch if spare else ()):
+            out.add_(row)
+    return works, add_up
 
 
 def broadcast(tensor: torch.Tensor, group, *, src_group_rank: int = 0) -> None:
