@@ -65,6 +65,8 @@ class StepSchedule:
             self._last_fwd_order, self._fwd_order = (self._fwd_order or self._last_fwd_order), []
         self._fwd_order.append(unit)
         unit.unshard()                      # stage 3 gathers; stages 1-2 finish the post-step gather
+        if torch.is_grad_enabled():
+            unit.grads_into_buffer()
         if not unit.policy.shard_params:
             return
         if self.prefetch:

@@ -29,9 +29,10 @@ class _Counter:
 
 
 def memory_report(model, optimizer=None) -> dict[str, int]:
-    """Bytes by category: params, grads, master, optimizer_states, buffers, and total.
+    """Bytes by category: params, grads, master, optimizer_states, buffers, comm_buffers, and total.
 
-    A master that is a view of the parameters (pure fp32) counts as params, not twice."""
+    A master that is a view of the parameters (pure fp32) counts as params, not twice.
+    ``comm_buffers``: full-size gradient buffers stages 2–3 keep between steps for reductions."""
     c = _Counter()
     zs = getattr(model, "zero_state", None)
     units = zs.units if zs else []
@@ -57,7 +58,13 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
                     c.add("optimizer_scalars", v)
     for b in model.buffers():
         c.add("buffers", b)
-    report = {k: c.bytes.get(k, 0) for k in ("params", "grads", "master", "optimizer_states", "buffers")}
+    if units:
+        for free in units[0].scratch._free.values():
+            for b in free:
+                c.add("comm_buffers", b)
+    keys = ("params", "grads", "master", "optimizer_states", "buffers", "comm_buffers")
+    report = {k: c.bytes.get(k, 0) for k in keys}
     report["model_states"] = sum(report[k] for k in ("params", "grads", "master", "optimizer_states"))
-    report["total"] = report["model_states"] + report["buffers"] + c.bytes.get("optimizer_scalars", 0)
+    report["total"] = (report["model_states"] + report["buffers"] + report["comm_buffers"]
+                       + c.bytes.get("optimizer_scalars", 0))
     return report

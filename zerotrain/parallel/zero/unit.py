@@ -42,10 +42,44 @@ def _alloc(t: torch.Tensor) -> None:
     t.untyped_storage().resize_(t.numel() * t.element_size())
 
 
+class ScratchPool:
+    """Full-size gradient buffers for stages 2–3, reused across units and steps.
+
+    Backward packs each unit's gradients into a full-size buffer for the reduce-scatter and frees
+    it once the collective is done; at most a few are alive at once (the schedule bounds
+    reductions in flight). Keeping the freed ones avoids allocating and first-touching a fresh
+    buffer per unit per step (on CPU a large allocation is a fresh mmap, page-faulted on use).
+    Retained: ``keep`` buffers per size, i.e. a few units' worth — the transient peak backward
+    reaches anyway.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        free = self._free.get((numel, dtype, str(device)))
+        return free.pop() if free else torch.empty(numel, dtype=dtype, device=device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        free = self._free.setdefault((buf.numel(), buf.dtype, str(buf.device)), [])
+        if len(free) < self.keep:
+            free.append(buf)
+
+    def release(self) -> None:
+        self._free.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for free in self._free.values() for b in free)
+
+
 class ShardedUnit:
     def __init__(self, module, named_params, *, index: int, policy: StagePolicy, group,
-                 param_dtype: torch.dtype, master_dtype: torch.dtype, reduce_dtype: torch.dtype):
+                 param_dtype: torch.dtype, master_dtype: torch.dtype, reduce_dtype: torch.dtype,
+                 scratch: ScratchPool | None = None):
         self.module, self.index, self.policy, self.group = module, index, policy, group
+        self.scratch = scratch or ScratchPool(keep=0)
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.param_dtype, self.master_dtype, self.reduce_dtype = param_dtype, master_dtype, reduce_dtype
@@ -56,6 +90,7 @@ class ShardedUnit:
         self._gather_handle = None
         self.grad_full = self.grad_shard = None
         self.accum_valid = False          # False: the next reduction starts the accumulation afresh
+        self.grads_clean = False          # True: grad_full is known to be all zeros
         self.grads_ready: set[int] = set()
 
     # ---------------------------------------------------------------- construction
@@ -84,6 +119,23 @@ class ShardedUnit:
             self.grad_shard = torch.zeros(self.layout.shard_numel, dtype=self.reduce_dtype, device=device)
         else:
             self.grad_full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=device)
+        self.grads_clean = True
+
+    @property
+    def grads_in_place(self) -> bool:
+        """Stages 0–1 with gradients in the parameter dtype: ``.grad`` can be a view of grad_full."""
+        return self.grad_full is not None and self.reduce_dtype == self.param_dtype
+
+    def grads_into_buffer(self) -> None:
+        """Before a backward: point every ``.grad`` that is None at its view of the zeroed flat
+        gradient buffer, so autograd accumulates in place — no gradient allocated per parameter
+        per step and no copy into the buffer afterwards. Only done while the buffer is known to be
+        zero (after ``zero_grads``); otherwise ``_pack`` copies as usual."""
+        if not (self.grads_in_place and self.grads_clean):
+            return
+        for p, view in zip(self.params, self.layout.views(self.grad_full)):
+            if p.grad is None:
+                p.grad = view
 
     # ---------------------------------------------------------------- parameters
     def unshard(self, *, async_op: bool = False) -> None:
@@ -135,7 +187,8 @@ class ShardedUnit:
     # ---------------------------------------------------------------- gradients
     def _pack(self, flat: torch.Tensor, *, accumulate: bool) -> None:
         """Move each parameter's ``.grad`` into ``flat`` (adding if ``accumulate``)."""
-        keep_views = flat is self.grad_full and self.reduce_dtype == self.param_dtype
+        keep_views = flat is self.grad_full and self.grads_in_place
+        self.grads_clean = False
         for p, view in zip(self.params, self.layout.views(flat)):
             g = p.grad
             if g is not None and g.data_ptr() == view.data_ptr():
@@ -154,25 +207,26 @@ class ShardedUnit:
     def reduce_grads(self) -> comm.Handle:
         """Reduce this unit's gradients over dp; the returned handle finishes the bookkeeping."""
         if self.policy.shard_grads:
-            full = torch.empty(self.layout.padded, dtype=self.reduce_dtype, device=self.grad_shard.device)
+            full = self.scratch.take(self.layout.padded, self.reduce_dtype, self.grad_shard.device)
             self._pack(full, accumulate=False)
-            if not self.accum_valid:
-                self.accum_valid = True
-                return comm.reduce_scatter(self.grad_shard, full, self.group, async_op=True)
-            out = torch.empty_like(self.grad_shard)
-            handle = comm.reduce_scatter(out, full, self.group, async_op=True)
-            return comm.Handle(handle, lambda: self.grad_shard.add_(out))
+            if self.accum_valid:
+                # fold what this rank accumulated so far into its own chunk, so the reduction
+                # lands straight in grad_shard with no second buffer
+                full[self.lo:self.hi].add_(self.grad_shard)
+            self.accum_valid = True
+            handle = comm.reduce_scatter(self.grad_shard, full, self.group, async_op=True)
+            return comm.Handle(handle, lambda: self.scratch.give(full))
         self._pack(self.grad_full, accumulate=self.accum_valid)
         self.accum_valid = True
         if self.policy.reduce == "all_reduce":
             return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
-        out = torch.empty(self.layout.shard_numel, dtype=self.reduce_dtype, device=self.grad_full.device)
-        handle = comm.reduce_scatter(out, self.grad_full, self.group, async_op=True)
+        own = self.grad_full[self.lo:self.hi]
+        handle = comm.reduce_scatter(own, self.grad_full, self.group, async_op=True)
 
-        def keep_own_slice():
-            self.grad_full.zero_()
-            self.grad_full[self.lo:self.hi].copy_(out)
-        return comm.Handle(handle, keep_own_slice)
+        def drop_other_slices():          # they were this rank's local terms, now sent
+            self.grad_full[:self.lo].zero_()
+            self.grad_full[self.hi:].zero_()
+        return comm.Handle(handle, drop_other_slices)
 
     def grad_region(self) -> torch.Tensor:
         """The reduced gradient matching ``master`` (SUM over dp for stages 1–3)."""
@@ -187,6 +241,7 @@ class ShardedUnit:
         for p in self.params:
             p.grad = None
         self.accum_valid = False
+        self.grads_clean = True
 
     @property
     def region(self) -> tuple[int, int]:
