@@ -40,6 +40,10 @@ class StepInfo:
     loss_scale: float | None
 
 
+# optimizers whose ``fused=True`` implementation ShardedOptimizer selects when none is chosen
+FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
 def _is_elementwise(cls) -> bool:
     return issubclass(cls, ELEMENTWISE) or getattr(cls, "zerotrain_elementwise", False)
 
@@ -71,6 +75,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.model, self.zs = model, zs
         self.max_grad_norm, self.norm_type = max_grad_norm, float(norm_type)
         groups = self._user_groups(params_or_groups)
+        kwargs = self._prefer_fused(optimizer_class, kwargs)
         probe = optimizer_class([torch.zeros(1)], **kwargs)       # validates kwargs, gives defaults
         super().__init__(groups, probe.defaults)
         self._pieces = self._build_pieces()
@@ -82,6 +87,24 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.last_step = StepInfo(None, None, False, self.loss_scale)
 
     # ------------------------------------------------------------------ construction
+    def _prefer_fused(self, optimizer_class, kwargs: dict) -> dict:
+        """Use torch's fused kernel when the optimizer has one and the caller chose no
+        implementation: the master pieces are few, large, flat tensors, exactly what it is for
+        (AdamW on CPU: ~8x faster than the per-tensor loop, no full-size temporaries). Pass
+        ``fused=False`` (or ``foreach=...``) to keep torch's default implementation."""
+        if any(k in kwargs for k in ("fused", "foreach", "differentiable", "capturable")):
+            return kwargs
+        if optimizer_class not in FUSED:
+            return kwargs
+        dtypes = {u.master_dtype for u in self.zs.units}
+        device = self.zs.units[0].master.device
+        try:
+            optimizer_class([torch.zeros(1, dtype=d, device=device) for d in dtypes],
+                            **kwargs, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            return kwargs
+        return dict(kwargs, fused=True)
+
     def _user_groups(self, params_or_groups):
         if params_or_groups is None:
             params_or_groups = [p for u in self.zs.units for p in u.params]
@@ -143,18 +166,22 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 closure()
         zs = self.zs
         zs.schedule.finish()
-        grads = self._unscaled_grads()
+        grads = [u.grad_region() for u in zs.units]
         if self.scaler is not None and self._overflow(grads):
             self.scaler.update(True)
             self.zero_grad()
             self.last_step = StepInfo(None, None, True, self.loss_scale)
             return self.last_step
-        norm = float(clip.global_grad_norm(zs.units, norm_type=self.norm_type, group=self._norm_group(),
-                                           tp=zs.mesh.tp))
+        # The reduced gradients are still a SUM over dp (stages 1-3) and loss-scaled (fp16). The
+        # norm is taken on them as they are and rescaled (a norm is homogeneous), so the 1/N, the
+        # unscale and the clip coefficient cost one pass over the gradients together.
+        factor = self._grad_factor()
+        norm = factor * float(clip.global_grad_norm(zs.units, norm_type=self.norm_type,
+                                                    group=self._norm_group(), tp=zs.mesh.tp))
         coef = clip.clip_coefficient(norm, self.max_grad_norm) if self.max_grad_norm else 1.0
-        if coef < 1.0:
+        if factor * coef != 1.0:
             for g in grads:
-                g.mul_(coef)
+                g.mul_(factor * coef)
         self._run_inner(grads)
         for u in zs.units:
             u.after_step()
@@ -166,16 +193,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return self.last_step
 
     # ------------------------------------------------------------------ step phases
-    def _unscaled_grads(self) -> list[torch.Tensor]:
-        zs = self.zs
-        factor = 1.0 / zs.mesh.dp if zs.policy.reduce == "reduce_scatter" else 1.0
+    def _grad_factor(self) -> float:
+        """What turns the reduced gradients into the mean, unscaled gradient."""
+        factor = 1.0 / self.zs.mesh.dp if self.zs.policy.reduce == "reduce_scatter" else 1.0
         if self.scaler is not None:
             factor /= self.scaler.scale
-        grads = [u.grad_region() for u in zs.units]
-        if factor != 1.0:
-            for g in grads:
-                g.mul_(factor)
-        return grads
+        return factor
 
     def _overflow(self, grads) -> bool:
         flag = torch.zeros((), dtype=torch.float32)
