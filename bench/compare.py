@@ -81,11 +81,15 @@ def summarize(runs: list[dict], cfg: BenchConfig) -> list[dict]:
     for dtype in dict.fromkeys(r["dtype"] for r in runs):
         mine = [r for r in runs if r["dtype"] == dtype]
         ddp = {r["round"]: _step_median(r) for r in mine if r["system"] == "ddp"}
+        ddp_fused = {r["round"]: _step_median(r) for r in mine if r["system"] == "ddp-fused"}
         ref = next((r for r in mine if r["system"] == "ddp"), None)
         sizes = dict(p=4, g=4, k=8) if dtype == "fp32" else dict(p=2, g=4, k=12)
         for name in dict.fromkeys(r["system"] for r in mine):
             rs = [r for r in mine if r["system"] == name]
-            rows.append(_row(name, dtype, rs, ddp, ref, formula_bytes(SYSTEMS[name].stage, psi, n, **sizes)))
+            row = _row(name, dtype, rs, ddp, ref, formula_bytes(SYSTEMS[name].stage, psi, n, **sizes))
+            fused = [_step_median(r) / ddp_fused[r["round"]] for r in rs if r["round"] in ddp_fused]
+            row["vs_ddp_fused"] = spread(fused) if fused else None
+            rows.append(row)
     return rows
 
 

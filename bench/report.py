@@ -22,14 +22,15 @@ def _spread(s, fmt="{:.3f}", scale=1.0) -> str:
 
 
 def _main_table(rows) -> list[str]:
-    out = ["| system | dtype | ≈ stage | step ms, median (min–max over rounds) | × DDP (paired by round) | CPU ms / step "
+    out = ["| system | dtype | ≈ stage | step ms, median (min–max over rounds) | × DDP (paired by round) "
+           "| × DDP with fused AdamW | CPU ms / step "
            "| peak RSS / rank MiB | model states / rank MiB | § 2 formula MiB | × formula "
            "| comm / step / rank MiB logical (ring wire) | counted by | max abs Δloss vs DDP | losses match |",
-           "|" + "---|" * 14]
+           "|" + "---|" * 15]
     for r in rows:
         out.append(
             f"| {r['system']} | {r['dtype']} | {r['stage']} | {_spread(r['step_s'], '{:.0f}', 1e3)} "
-            f"| {_spread(r['vs_ddp'])} | {r['cpu_s'][0] * 1e3:.0f} | {_mib(r['rss'][0])} | {_mib(r['state']['model_states'])} "
+            f"| {_spread(r['vs_ddp'])} | {_spread(r.get('vs_ddp_fused'))} | {r['cpu_s'][0] * 1e3:.0f} | {_mib(r['rss'][0])} | {_mib(r['state']['model_states'])} "
             f"| {_mib(r['formula'])} | {r['vs_formula']:.3f} "
             f"| {_mib(r['comm_bytes'])} ({_mib(r['comm_wire'])}) | {r['comm_source']} "
             f"| {r['loss_diff']:.2e} | {'yes' if r['loss_ok'] else 'NO'} |")
@@ -68,10 +69,15 @@ def targets(rows) -> list[str]:
             ok = r["vs_ddp"][0] <= STEP_TARGET[stage]
             line = (f"- {name} {dtype}: step {r['vs_ddp'][0]:.3f}× DDP (target ≤ {STEP_TARGET[stage]}: "
                     f"{'met' if ok else 'MISSED'})")
-            peer = by.get((PEER_AT_STAGE[stage], dtype))
-            if stage >= 2 and peer is not None:
-                ratio = _paired(r["per_round"], peer["per_round"])
-                line += f"; {ratio:.3f}× {peer['system']} ({'no worse' if ratio <= 1 else 'SLOWER'})"
+            if r.get("vs_ddp_fused") is not None:
+                ok = r["vs_ddp_fused"][0] <= STEP_TARGET[stage]
+                line += (f"; {r['vs_ddp_fused'][0]:.3f}× DDP with fused AdamW "
+                         f"({'met' if ok else 'MISSED'})")
+            for suffix in ("", "-fused"):
+                peer = by.get((PEER_AT_STAGE[stage] + suffix, dtype))
+                if stage >= 2 and peer is not None:
+                    ratio = _paired(r["per_round"], peer["per_round"])
+                    line += f"; {ratio:.3f}× {peer['system']} ({'no worse' if ratio <= 1 else 'SLOWER'})"
             out.append(line)
     return out
 

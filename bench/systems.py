@@ -24,6 +24,7 @@ class System:
     stage: int          # the ZeRO stage whose §2 formula the system is compared with
     kind: str           # "ddp" | "zero_opt" | "fsdp2" | "zerotrain"
     reshard: bool = True
+    fused: bool = False  # peers: AdamW(fused=True); zerotrain picks the fused kernel by itself
 
 
 SYSTEMS = {s.name: s for s in [
@@ -31,6 +32,9 @@ SYSTEMS = {s.name: s for s in [
     System("zero-opt", 1, "zero_opt"),
     System("fsdp2-s2", 2, "fsdp2", reshard=False),
     System("fsdp2-s3", 3, "fsdp2", reshard=True),
+    System("ddp-fused", 0, "ddp", fused=True),
+    System("fsdp2-s2-fused", 2, "fsdp2", reshard=False, fused=True),
+    System("fsdp2-s3-fused", 3, "fsdp2", reshard=True, fused=True),
     *[System(f"zt-s{s}", s, "zerotrain") for s in range(4)],
 ]}
 
@@ -73,8 +77,10 @@ class ZerotrainRunner(Runner):
         return zerotrain.memory_report(self.model, self.optimizer)
 
 
-def _adamw(params, cfg: BenchConfig):
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+def _adamw(params, cfg: BenchConfig, fused: bool = False):
+    # torch's default on CPU is the per-tensor loop; ``fused`` rows show the peers with the same
+    # fused kernel ShardedOptimizer selects, so the optimizer implementation is not the difference
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, **({"fused": True} if fused else {}))
 
 
 def build(system: System, cfg: BenchConfig, *, bf16: bool) -> Runner:
@@ -83,7 +89,7 @@ def build(system: System, cfg: BenchConfig, *, bf16: bool) -> Runner:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ddp = DDP(model, gradient_as_bucket_view=True)   # grads live in the buckets: no 2nd copy
         if system.kind == "ddp":
-            return Runner(model, _adamw(model.parameters(), cfg), autocast=bf16, forward_model=ddp)
+            return Runner(model, _adamw(model.parameters(), cfg, system.fused), autocast=bf16, forward_model=ddp)
         from torch.distributed.optim import ZeroRedundancyOptimizer
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
                                       lr=cfg.lr, weight_decay=0.01)
@@ -95,7 +101,7 @@ def build(system: System, cfg: BenchConfig, *, bf16: bool) -> Runner:
         for block in model.blocks:
             fully_shard(block, reshard_after_forward=system.reshard, mp_policy=mp)
         fully_shard(model, reshard_after_forward=system.reshard, mp_policy=mp)
-        return Runner(model, _adamw(model.parameters(), cfg), autocast=False)
+        return Runner(model, _adamw(model.parameters(), cfg, system.fused), autocast=False)
     zerotrain.shard_model(model, stage=system.stage, mesh=zerotrain.Mesh.default(),
                           mixed_precision="bf16" if bf16 else None)
     opt = zerotrain.ShardedOptimizer(model, torch.optim.AdamW, lr=cfg.lr, weight_decay=0.01)
