@@ -142,6 +142,8 @@ class StepSchedule:
             handle.wait()
         for u in self.units:
             u.reshard()
+        if self.units:
+            self.units[0].scratch.trim(1)     # between steps: one unit's reduce buffer at most
         self._reset_backward()
 
     def finish(self):

@@ -32,7 +32,7 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
     """Bytes by category: params, grads, master, optimizer_states, buffers, comm_buffers, and total.
 
     A master that is a view of the parameters (pure fp32) counts as params, not twice.
-    ``comm_buffers``: full-size gradient buffers stages 2–3 keep between steps for reductions."""
+    ``comm_buffers``: the full-size gradient buffer stages 2–3 keep between steps for reductions."""
     c = _Counter()
     zs = getattr(model, "zero_state", None)
     units = zs.units if zs else []
@@ -59,9 +59,8 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
     for b in model.buffers():
         c.add("buffers", b)
     if units:
-        for free in units[0].scratch._free.values():
-            for b in free:
-                c.add("comm_buffers", b)
+        for b in units[0].scratch.buffers:
+            c.add("comm_buffers", b)
     keys = ("params", "grads", "master", "optimizer_states", "buffers", "comm_buffers")
     report = {k: c.bytes.get(k, 0) for k in keys}
     report["model_states"] = sum(report[k] for k in ("params", "grads", "master", "optimizer_states"))

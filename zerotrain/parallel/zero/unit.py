@@ -46,32 +46,39 @@ class ScratchPool:
     """Full-size gradient buffers for stages 2–3, reused across units and steps.
 
     Backward packs each unit's gradients into a full-size buffer for the reduce-scatter and frees
-    it once the collective is done; at most a few are alive at once (the schedule bounds
-    reductions in flight). Keeping the freed ones avoids allocating and first-touching a fresh
-    buffer per unit per step (on CPU a large allocation is a fresh mmap, page-faulted on use).
-    Retained: ``keep`` buffers per size, i.e. a few units' worth — the transient peak backward
-    reaches anyway.
+    it once the collective is done; at most ``MAX_IN_FLIGHT + 1`` are alive at once (the schedule
+    bounds reductions in flight). Handing a finished buffer to the next unit instead of
+    allocating a fresh one saves the allocation and its first touch (on CPU a large allocation is
+    a fresh mmap, page-faulted on use). A request is served by the smallest free buffer that is
+    large enough (as a prefix view). When backward ends the pool keeps only its largest buffer —
+    one unit's full gradients, the transient the planner counts for stage 2 — and frees the rest.
     """
 
     def __init__(self, keep: int):
         self.keep = keep
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._free: list[torch.Tensor] = []
 
     def take(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-        free = self._free.get((numel, dtype, str(device)))
-        return free.pop() if free else torch.empty(numel, dtype=dtype, device=device)
+        device = torch.device(device)
+        fits = [b for b in self._free if b.numel() >= numel and b.dtype == dtype and b.device == device]
+        if not fits:
+            return torch.empty(numel, dtype=dtype, device=device)
+        buf = min(fits, key=torch.Tensor.numel)
+        self._free = [b for b in self._free if b is not buf]
+        return buf[:numel]
 
     def give(self, buf: torch.Tensor) -> None:
-        free = self._free.setdefault((buf.numel(), buf.dtype, str(buf.device)), [])
-        if len(free) < self.keep:
-            free.append(buf)
+        base = buf if buf._base is None else buf._base
+        if len(self._free) < self.keep:
+            self._free.append(base)
 
-    def release(self) -> None:
-        self._free.clear()
+    def trim(self, keep: int = 1) -> None:
+        """Keep the ``keep`` largest free buffers, free the others."""
+        self._free = sorted(self._free, key=torch.Tensor.numel, reverse=True)[:keep]
 
     @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for free in self._free.values() for b in free)
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self._free)
 
 
 class ShardedUnit:
