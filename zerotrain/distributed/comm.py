@@ -61,6 +61,14 @@ def set_point_to_point(enabled: bool) -> None:
     _P2P["enabled"] = bool(enabled)
 
 
+def forget_groups() -> None:
+    """Drop per-group state (backend, message tags); called when the process groups are destroyed,
+    since a later group may reuse a destroyed one's id."""
+    with _STATS.lock:
+        _P2P["tags"].clear()
+        _P2P["backend"].clear()
+
+
 def _use_p2p(group, tensor: torch.Tensor) -> bool:
     if not _P2P["enabled"] or tensor.device.type != "cpu":
         return False

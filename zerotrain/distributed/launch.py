@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import comm
 from .mesh import Mesh
 
 log = logging.getLogger("zerotrain")
@@ -76,6 +77,7 @@ def _elastic_store(timeout_s: float) -> dict:
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    comm.forget_groups()
 
 
 def _destroy_at_exit() -> None:
