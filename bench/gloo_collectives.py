@@ -3,8 +3,10 @@
     .venv/bin/python bench/gloo_collectives.py [--mib 4 16 64] [--repeat 9]
 
 For a full buffer of B bytes: all_reduce(B); reduce_scatter_single(B -> B/2) and the same result
-from all_reduce + copy of the own half, or from send/recv of the peer's half + add (a 2-rank ring); all_gather_single(B/2 -> B) and the same result from one
-broadcast per rank. Median wall time over repeats, each after a barrier.
+from all_reduce + copy of the own half, or from send/recv of the peer's half + add (a 2-rank ring,
+what ``zerotrain.distributed.comm`` does on gloo); all_gather_single(B/2 -> B) and the same result
+from send/recv into place (comm's way) or from one broadcast per rank. Median wall time over
+repeats, each after a barrier.
 """
 from __future__ import annotations
 
@@ -34,6 +36,13 @@ def _cases(rank: int, n: int) -> dict:
             w.wait()
         torch.add(full[rank * half_n:(rank + 1) * half_n], recv, out=out)
 
+    def ag_by_send_recv():               # what comm.all_gather does on gloo: receive straight into place
+        chunks, peer = gathered.chunk(2), 1 - rank
+        chunks[rank].copy_(half)
+        works = [dist.isend(chunks[rank], peer), dist.irecv(chunks[peer], peer)]
+        for w in works:
+            w.wait()
+
     def ag_by_broadcasts():
         chunks = gathered.chunk(2)
         chunks[rank].copy_(half)
@@ -45,6 +54,7 @@ def _cases(rank: int, n: int) -> dict:
             "reduce_scatter as all_reduce + copy": rs_by_all_reduce,
             "reduce_scatter as send/recv + add": rs_by_send_recv,
             "all_gather_single": lambda: dist.all_gather_single(gathered, half),
+            "all_gather as send/recv": ag_by_send_recv,
             "all_gather as 2 broadcasts": ag_by_broadcasts}
 
 

@@ -38,7 +38,10 @@ def test_pure_fp32_formulas_at_n2():
     got = [_ms(spec, s, 2, param_dtype="fp32") for s in range(4)]
     assert got == [16 * psi, 8 * psi + 8 * psi // 2, 4 * psi + 12 * psi // 2, 16 * psi // 2]
     p = plan(spec, stage=1, dp=2, param_dtype="fp32")
-    assert (p.master_bytes, p.reduce_dtype, p.extras) == (0, "fp32", ())  # the shard is the master
+    assert (p.master_bytes, p.reduce_dtype) == (0, "fp32")  # the shard is the master
+    # the only transient: the peer's half of the largest unit (root, 1000) received while reducing
+    assert [(e.name, e.bytes) for e in p.extras] == [("reduce scratch", 500 * 4)]
+    assert p.comm_buffers_bytes == 500 * 4
 
 
 def test_mixed_precision_with_fp32_reductions_and_sgd():

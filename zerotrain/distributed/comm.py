@@ -35,6 +35,7 @@ import torch.distributed as dist
 __all__ = [
     "group_size", "group_rank", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
     "all_gather_object", "Handle", "comm_report", "reset_comm_report", "set_trace", "get_trace",
+    "reduce_scatter_scratch_numel", "set_point_to_point", "forget_groups",
 ]
 
 
@@ -177,11 +178,14 @@ def _p2p_all_gather(output, shard, group, n) -> list:
     return works
 
 
-def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False) -> Handle:
+def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False,
+                   scratch: torch.Tensor | None = None) -> Handle:
     """SUM-reduce ``full`` over the group and leave this rank's 1/N slice in ``output``.
 
     ``output`` may be this rank's own chunk of ``full`` (an in-place reduce-scatter); the other
-    chunks of ``full`` are then left as they were.
+    chunks of ``full`` are then left as they were. ``scratch``: an optional 1-D buffer of
+    ``full``'s dtype with at least ``reduce_scatter_scratch_numel(...)`` elements, used instead of
+    allocating one (it must stay untouched until the handle is waited on).
     """
     n = group_size(group)
     if full.numel() != n * output.numel():
@@ -189,20 +193,37 @@ def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op:
     if _overlaps(output, full) and output.data_ptr() != full.data_ptr() + group_rank(group) * output.nbytes:
         raise ValueError("reduce_scatter: an output inside the input must be this rank's own chunk "
                          "(full.view(N, -1)[rank]); pass a separate output tensor otherwise")
+    need = reduce_scatter_scratch_numel(output, full, group)
+    if scratch is None or not need:
+        scratch = torch.empty(need, dtype=full.dtype, device=full.device)
+    elif scratch.numel() < need or scratch.dtype != full.dtype or scratch.device != full.device:
+        raise ValueError(f"reduce_scatter: scratch must hold {need} {full.dtype} elements on {full.device}, "
+                         f"got {scratch.numel()} {scratch.dtype} on {scratch.device}")
     if n == 1:
         if output.data_ptr() != full.data_ptr():
             output.copy_(full.view_as(output))
         return Handle()
     _record("reduce_scatter", full, group, 1)
     if _use_p2p(group, full):
-        works, then = _p2p_reduce_scatter(output, full, group, n)
+        works, then = _p2p_reduce_scatter(output, full, group, n, scratch)
         return _finish(works, then, async_op)
     if _overlaps(output, full):
-        tmp = torch.empty_like(output)
+        tmp = scratch[:output.numel()].view_as(output)
         work = dist.reduce_scatter_single(tmp, full, group=group, async_op=True)
         return _finish(work, lambda: output.copy_(tmp), async_op)
     work = dist.reduce_scatter_single(output, full, group=group, async_op=True)
     return _finish(work, None, async_op)
+
+
+def reduce_scatter_scratch_numel(output: torch.Tensor, full: torch.Tensor, group) -> int:
+    """How many elements of scratch ``reduce_scatter(output, full, group)`` needs (0: none)."""
+    n = group_size(group)
+    if n == 1:
+        return 0
+    in_place = _overlaps(output, full)
+    if _use_p2p(group, full):
+        return (n - 1 if in_place else n - 2) * output.numel()
+    return output.numel() if in_place else 0
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -210,7 +231,7 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def _p2p_reduce_scatter(output, full, group, n):
+def _p2p_reduce_scatter(output, full, group, n, scratch):
     me, tag = group_rank(group), _next_tag(group)
     chunks = full.view(n, -1)
     out = output.view(-1)
@@ -218,8 +239,8 @@ def _p2p_reduce_scatter(output, full, group, n):
     # Received chunks land in ``output`` itself when it is a separate buffer (the first one), the
     # rest in a scratch buffer: with two ranks a separate output needs no scratch at all.
     spare = n - 1 if in_place else n - 2
-    scratch = torch.empty((spare, out.numel()), dtype=full.dtype, device=full.device) if spare else None
-    targets = ([] if in_place else [out]) + (list(scratch) if spare else [])
+    rows = scratch[:spare * out.numel()].view(spare, out.numel()) if spare else None
+    targets = ([] if in_place else [out]) + (list(rows) if spare else [])
     works = []
     for k in range(1, n):                  # staggered: rank r sends to r+k and receives from r-k
         dst, src = (me + k) % n, (me - k) % n
@@ -229,7 +250,7 @@ def _p2p_reduce_scatter(output, full, group, n):
     def add_up():
         if not in_place:
             out.add_(chunks[me])
-        for row in (scratch if spare else ()):
+        for row in (rows if spare else ()):
             out.add_(row)
     return works, add_up
 

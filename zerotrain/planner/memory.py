@@ -15,9 +15,11 @@ stage     params (p)  grads (r)   master (m, if p != m)   states (k·m)
 ========  ==========  ==========  ======================  =============
 
 The master is fp32 (fp64 for an fp64 model); when the compute dtype *is* the master dtype the
-parameter (shard) is the master and no second copy exists. Transient buffers on top: stage 2
-holds the full gradients of one unit (the largest) while reducing it; stage 3 holds the gathered
-parameters of two units (current + prefetched: the two largest) and one unit's full gradients.
+parameter (shard) is the master and no second copy exists. Transient buffers on top: stage 1
+receives the peers' chunks of one unit ((N − 1)/N of the largest) while reducing it in place (the
+point-to-point reduce-scatter zerotrain uses on CPU); stage 2 holds the full gradients of one
+unit (the largest) while reducing it; stage 3 holds the gathered parameters of two units
+(current + prefetched: the two largest) and one unit's full gradients.
 
 Communication per step per rank over dp, in elements of the communicated dtype: stage 0 all-reduce
 2Ψ (reduce dtype); stages 1-2 reduce-scatter Ψ (reduce dtype) + all-gather Ψ (compute dtype);
@@ -133,7 +135,7 @@ def plan(spec: ModelSpec, *, stage: int, dp: int, tp: int = 1, param_dtype,
     padded = [math.ceil(n / dp) * dp for n in numels]
     states = _model_states(stage, dp, sum(padded), pdt, rdt, mdt, OPTIMIZER_STATES[opt])
     per_elem = _model_states(0, 1, 1, pdt, rdt, mdt, OPTIMIZER_STATES[opt])
-    transient, extras = _transients(stage, spec, padded, pdt, rdt)
+    transient, extras = _transients(stage, spec, padded, pdt, rdt, dp)
     pad = sum(padded) - sum(numels)
     if pad:
         extras.insert(0, Extra("padding", _padding_bytes(stage, dp, pad, per_elem),
@@ -187,10 +189,16 @@ def _padding_bytes(stage, dp, pad, per_elem) -> int:
     return round(sum(b * pad * (1 if w else 1 / dp) for w, b in zip(whole, kinds)))
 
 
-def _transients(stage, spec, padded, pdt, rdt) -> tuple[int, list[Extra]]:
+def _transients(stage, spec, padded, pdt, rdt, dp) -> tuple[int, list[Extra]]:
     order = sorted(range(len(padded)), key=lambda i: -padded[i])
     big = order[0]
     name = spec.units[big].name
+    if stage == 1:
+        if dp == 1:
+            return 0, []
+        b = padded[big] // dp * (dp - 1) * DTYPE_BYTES[rdt]
+        return b, [Extra("reduce scratch", b, f"the peers' chunks of the largest unit ({name}) "
+                                              "received by the point-to-point reduce-scatter (CPU)")]
     if stage == 2:
         b = padded[big] * DTYPE_BYTES[rdt]
         return b, [Extra("unit gradient buffer", b, f"full grads of the largest unit ({name})")]

@@ -43,15 +43,16 @@ def _alloc(t: torch.Tensor) -> None:
 
 
 class ScratchPool:
-    """Full-size gradient buffers for stages 2–3, reused across units and steps.
+    """Gradient buffers for the reductions of stages 1–3, reused across units and steps.
 
-    Backward packs each unit's gradients into a full-size buffer for the reduce-scatter and frees
-    it once the collective is done; at most ``MAX_IN_FLIGHT + 1`` are alive at once (the schedule
-    bounds reductions in flight). Handing a finished buffer to the next unit instead of
+    Backward packs each unit's gradients into a full-size buffer for the reduce-scatter (stages
+    2–3), and the point-to-point reduce-scatter receives the peers' chunks into scratch (stage 1:
+    (N − 1)/N of a unit); each is freed once the collective is done, and at most
+    ``MAX_IN_FLIGHT + 1`` are alive at once (the schedule bounds reductions in flight). Handing a finished buffer to the next unit instead of
     allocating a fresh one saves the allocation and its first touch (on CPU a large allocation is
     a fresh mmap, page-faulted on use). A request is served by the smallest free buffer that is
     large enough (as a prefix view). When backward ends the pool keeps only its largest buffer —
-    one unit's full gradients, the transient the planner counts for stage 2 — and frees the rest.
+    one unit's gradient buffer, the transient the planner counts — and frees the rest.
     """
 
     def __init__(self, keep: int):
@@ -211,6 +212,18 @@ class ShardedUnit:
         if not accumulate:
             flat[self.layout.numel:].zero_()
 
+    def _reduce_scatter(self, output, full, then) -> comm.Handle:
+        """Reduce-scatter with the algorithm's scratch (if any) from the pool; ``then`` runs after."""
+        need = comm.reduce_scatter_scratch_numel(output, full, self.group)
+        scratch = self.scratch.take(need, full.dtype, full.device) if need else None
+        handle = comm.reduce_scatter(output, full, self.group, async_op=True, scratch=scratch)
+
+        def done():
+            if scratch is not None:
+                self.scratch.give(scratch)
+            then()
+        return comm.Handle(handle, done)
+
     def reduce_grads(self) -> comm.Handle:
         """Reduce this unit's gradients over dp; the returned handle finishes the bookkeeping."""
         if self.policy.shard_grads:
@@ -221,19 +234,16 @@ class ShardedUnit:
                 # lands straight in grad_shard with no second buffer
                 full[self.lo:self.hi].add_(self.grad_shard)
             self.accum_valid = True
-            handle = comm.reduce_scatter(self.grad_shard, full, self.group, async_op=True)
-            return comm.Handle(handle, lambda: self.scratch.give(full))
+            return self._reduce_scatter(self.grad_shard, full, lambda: self.scratch.give(full))
         self._pack(self.grad_full, accumulate=self.accum_valid)
         self.accum_valid = True
         if self.policy.reduce == "all_reduce":
             return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
-        own = self.grad_full[self.lo:self.hi]
-        handle = comm.reduce_scatter(own, self.grad_full, self.group, async_op=True)
 
         def drop_other_slices():          # they were this rank's local terms, now sent
             self.grad_full[:self.lo].zero_()
             self.grad_full[self.hi:].zero_()
-        return comm.Handle(handle, drop_other_slices)
+        return self._reduce_scatter(self.grad_full[self.lo:self.hi], self.grad_full, drop_other_slices)
 
     def grad_region(self) -> torch.Tensor:
         """The reduced gradient matching ``master`` (SUM over dp for stages 1–3)."""
