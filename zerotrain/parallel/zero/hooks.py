@@ -143,7 +143,8 @@ class StepSchedule:
         for u in self.units:
             u.reshard()
         if self.units:
-            self.units[0].scratch.trim(1)     # between steps: one unit's reduce buffer at most
+            self.units[0].scratch.trim(0)     # nothing held between steps: the forward's peak is
+                                              # activations, and ZeRO's point is the bytes
         self._reset_backward()
 
     def finish(self):

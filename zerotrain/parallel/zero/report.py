@@ -32,7 +32,7 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
     """Bytes by category: params, grads, master, optimizer_states, buffers, comm_buffers, and total.
 
     A master that is a view of the parameters (pure fp32) counts as params, not twice.
-    ``comm_buffers``: the full-size gradient buffer stages 2–3 keep between steps for reductions."""
+    ``comm_buffers``: reduction buffers the stage 1–3 pool holds (none between steps)."""
     c = _Counter()
     zs = getattr(model, "zero_state", None)
     units = zs.units if zs else []
