@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness import spawn
+from harness import spawn
 
 CHUNK = 5
 

@@ -194,7 +194,9 @@ def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op:
         raise ValueError("reduce_scatter: an output inside the input must be this rank's own chunk "
                          "(full.view(N, -1)[rank]); pass a separate output tensor otherwise")
     need = reduce_scatter_scratch_numel(output, full, group)
-    if scratch is None or not need:
+    if not need:
+        scratch = None                    # this algorithm receives straight into ``output``
+    elif scratch is None:
         scratch = torch.empty(need, dtype=full.dtype, device=full.device)
     elif scratch.numel() < need or scratch.dtype != full.dtype or scratch.device != full.device:
         raise ValueError(f"reduce_scatter: scratch must hold {need} {full.dtype} elements on {full.device}, "
