@@ -49,8 +49,8 @@ class Engine(nn.Module):
         """Scale (1/accumulation steps, fp16 loss scale) and backpropagate. Returns ``loss``."""
         scaled = loss / self._batch.gradient_accumulation_steps if self._batch.gradient_accumulation_steps > 1 else loss
         scaled = self.optimizer.scale_loss(scaled)
-        # Stages 0-1 keep full gradients: reduce once per optimizer step, not per micro-batch.
-        defer = not self.is_gradient_accumulation_boundary() and not self.module.zero_state.policy.shard_grads
+        # Where the stage keeps full gradients anyway, reduce once per optimizer step.
+        defer = not self.is_gradient_accumulation_boundary() and self.module.zero_state.policy.defer_reduce
         if defer:
             with self.module.no_sync():
                 scaled.backward(retain_graph=retain_graph)

@@ -195,7 +195,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step phases
     def _grad_factor(self) -> float:
         """What turns the reduced gradients into the mean, unscaled gradient."""
-        factor = 1.0 / self.zs.mesh.dp if self.zs.policy.reduce == "reduce_scatter" else 1.0
+        factor = 1.0 / self.zs.mesh.dp if self.zs.policy.grad_factor_dp else 1.0
         if self.scaler is not None:
             factor /= self.scaler.scale
         return factor

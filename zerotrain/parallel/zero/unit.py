@@ -25,7 +25,7 @@ import torch
 
 from ...distributed import comm
 from .flat import FlatLayout, flatten_into
-from .policy import StagePolicy
+from .policy import Reduce, StagePolicy
 
 
 class UnitState(enum.Enum):
@@ -238,7 +238,7 @@ class ShardedUnit:
             return self._reduce_scatter(self.grad_shard, full, lambda: self.scratch.give(full))
         self._pack(self.grad_full, accumulate=self.accum_valid)
         self.accum_valid = True
-        if self.policy.reduce == "all_reduce":
+        if self.policy.reduce is Reduce.ALL_REDUCE_AVG:
             return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
 
         def drop_other_slices():          # they were this rank's local terms, now sent
