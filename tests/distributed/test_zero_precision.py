@@ -17,7 +17,7 @@ def _gpt():
     return TinyGPT(vocab=23, d=16, n_layer=2, ctx=8)
 
 
-def _train(mesh, stage, precision, inject_at=None):
+def _train(mesh, stage, precision, inject_at=None, poison=float("inf")):
     model = _gpt()
     zerotrain.shard_model(model, stage=stage, mesh=mesh, mixed_precision=precision)
     opt = zerotrain.ShardedOptimizer(model, torch.optim.AdamW, lr=3e-3)
@@ -28,7 +28,7 @@ def _train(mesh, stage, precision, inject_at=None):
         x, y = x[mesh.dp_rank * per:(mesh.dp_rank + 1) * per], y[mesh.dp_rank * per:(mesh.dp_rank + 1) * per]
         loss = model(x, y)
         if step == inject_at and mesh.dp_rank == mesh.dp - 1:
-            loss = loss * float("inf")                   # this rank's gradients become inf/nan
+            loss = loss * poison                         # this rank's gradients become inf/nan
         opt.scale_loss(loss).backward()
         before = [u.master.clone() for u in model.zero_state.units]
         info = opt.step()
@@ -52,6 +52,9 @@ def precision_worker(mesh):
         fp16 = zerotrain.MixedPrecision(torch.float16, loss_scale=zerotrain.LossScaleConfig(initial_scale=2.0 ** 10))
         out[(stage, "fp16")] = _train(mesh, stage, fp16)
     out["inject"] = _train(mesh, 2, fp16, inject_at=5)
+    for stage in (0, 3):                  # no loss scaler: the non-finite guard alone
+        out[("nan", stage, "fp32")] = _train(mesh, stage, None, inject_at=5, poison=float("nan"))
+        out[("nan", stage, "bf16")] = _train(mesh, stage, "bf16", inject_at=5, poison=float("nan"))
     return out
 
 
@@ -79,6 +82,19 @@ def test_injected_inf_skips_step_on_every_rank_and_halves_scale(results):
         assert skipped == [i == 5 for i in range(STEPS)]
         assert scales[5] == scales[4] / 2 == 2.0 ** 9
         assert r["unchanged"], "the master weights must not move on a skipped step"
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_on_one_rank_skips_the_step_everywhere_without_loss_scaling(results, stage, precision):
+    clean = results[0][(stage, precision)]["losses"]
+    for rank_result in results:
+        r = rank_result[("nan", stage, precision)]
+        assert [s for s, _ in r["infos"]] == [i == 5 for i in range(STEPS)]
+        assert r["unchanged"], "the master weights must not move on a skipped step"
+        # the skipped step leaves the run where it was: step 6 sees the weights of step 5
+        assert r["losses"][:5] == clean[:5]
+        assert all(abs(x) < 1e9 for x in r["losses"][6:]), "no nan may leak into the weights"
 
 
 # ---------------------------------------------------------------------------------- bad input

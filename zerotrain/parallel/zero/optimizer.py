@@ -8,11 +8,11 @@ consecutive parameters of one group inside this rank's range.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ...distributed import comm
 from .. import clip
 from ..precision import LossScaler
 
@@ -34,6 +34,9 @@ class Piece:
 
 @dataclass
 class StepInfo:
+    """What ``step()`` did. ``skipped``: a gradient was inf/nan on some rank (every dtype; in fp16
+    also the loss-scale overflow), so no rank updated anything; ``grad_norm`` is then that
+    non-finite norm and ``clipped_grad_norm`` None."""
     grad_norm: float | None
     clipped_grad_norm: float | None
     skipped: bool
@@ -167,17 +170,16 @@ class ShardedOptimizer(torch.optim.Optimizer):
         zs = self.zs
         zs.schedule.finish()
         grads = [u.grad_region() for u in zs.units]
-        if self.scaler is not None and self._overflow(grads):
-            self.scaler.update(True)
-            self.zero_grad()
-            self.last_step = StepInfo(None, None, True, self.loss_scale)
-            return self.last_step
         # The reduced gradients are still a SUM over dp (stages 1-3) and loss-scaled (fp16). The
         # norm is taken on them as they are and rescaled (a norm is homogeneous), so the 1/N, the
-        # unscale and the clip coefficient cost one pass over the gradients together.
+        # unscale and the clip coefficient cost one pass over the gradients together. The norm is
+        # also the non-finite check: an inf or nan anywhere makes it non-finite, and it has been
+        # reduced over every rank that holds distinct gradients, so every rank decides alike.
         factor = self._grad_factor()
         norm = factor * float(clip.global_grad_norm(zs.units, norm_type=self.norm_type,
                                                     group=self._norm_group(), tp=zs.mesh.tp))
+        if not math.isfinite(norm):
+            return self._skip(norm)
         coef = clip.clip_coefficient(norm, self.max_grad_norm) if self.max_grad_norm else 1.0
         if factor * coef != 1.0:
             for g in grads:
@@ -200,14 +202,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             factor /= self.scaler.scale
         return factor
 
-    def _overflow(self, grads) -> bool:
-        flag = torch.zeros((), dtype=torch.float32)
-        for g in grads:
-            if not torch.isfinite(g).all():
-                flag.fill_(1.0)
-                break
-        comm.all_reduce(flag, self.zs.mesh.world_group, op="max")
-        return bool(flag.item())
+    def _skip(self, norm: float) -> StepInfo:
+        """A non-finite gradient on any rank: leave master weights and optimizer state as they
+        are on every rank (fp16: lower the loss scale) and drop the gradients."""
+        if self.scaler is not None:
+            self.scaler.update(True)
+        self.zero_grad()
+        self.last_step = StepInfo(norm, None, True, self.loss_scale)
+        return self.last_step
 
     def _norm_group(self):
         mesh = self.zs.mesh
