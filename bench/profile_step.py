@@ -23,7 +23,7 @@ INTERNALS = [("zerotrain.parallel.zero.hooks", "StepSchedule", "end_backward"),
              ("zerotrain.parallel.zero.unit", "ShardedUnit", "reduce_grads"),
              ("zerotrain.parallel.zero.unit", "ShardedUnit", "_pack"),
              ("zerotrain.parallel.zero.unit", "ShardedUnit", "unshard"),
-             ("zerotrain.parallel.zero.unit", "ShardedUnit", "after_step"),
+             ("zerotrain.parallel.zero.unit", "ShardedUnit", "params_from_master"),
              ("zerotrain.parallel.zero.optimizer", "ShardedOptimizer", "_run_inner"),
              ("zerotrain.parallel.clip", None, "global_grad_norm"),
              ("zerotrain.distributed.comm", "Handle", "wait")]

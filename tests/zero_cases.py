@@ -92,8 +92,13 @@ def run_sharded(mesh, case: Case):
         opt.zero_grad()
         losses.append(total)
         norms.append(info.grad_norm)
-    local = {name: opt.local_state(name) for name, _ in model.named_parameters()}
+    local = {name: local_state(opt, name) for name, _ in model.named_parameters()}
     return {"losses": losses, "norms": norms, "params": model.full_state_dict(), "state": local}
+
+
+def local_state(opt, name: str) -> list[tuple[int, int, dict]]:
+    """This rank's optimizer state of parameter ``name``: (lo, hi, {key: tensor or scalar})."""
+    return [(*s.span, {**s.state, **s.scalars}) for s in opt.owned_slices() if s.name == name]
 
 
 class _null:

@@ -100,7 +100,7 @@ class Engine(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.module.zero_state.units)).full.device
+        return self.module.zero_state.units[0].full.device
 
     def zero_grad(self):
         self.optimizer.zero_grad()

@@ -16,6 +16,7 @@ import torch
 import zerotrain
 from harness import spawn
 from models import TinyGPT, make_batch, make_model
+from zero_cases import local_state
 from zerotrain import checkpoint
 from zerotrain.distributed import comm
 from zerotrain.distributed.mesh import Mesh
@@ -61,7 +62,7 @@ def _full_batch_loss(model, step: int) -> float:
 
 def _snapshot(model, opt, sched) -> dict:
     state = {name: [(lo, hi, {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()})
-                    for lo, hi, st in opt.local_state(name)] for name, _ in model.named_parameters()}
+                    for lo, hi, st in local_state(opt, name)] for name, _ in model.named_parameters()}
     return {"params": model.full_state_dict(), "state": state, "sched": sched.state_dict(),
             "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]}
 
@@ -105,7 +106,7 @@ def _save_then_load(mesh, root: str, saved_worlds):
 
 # ---------------------------------------------------------------- checks (in the test process)
 def _assemble(per_rank_states: list[dict], params: dict) -> dict:
-    """{name: {key: full tensor}} from every rank's local_state slices; scalars kept as given."""
+    """{name: {key: full tensor}} from every rank's owned slices; scalars kept as given."""
     full = {}
     for states in per_rank_states:
         for name, slices in states.items():

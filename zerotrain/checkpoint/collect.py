@@ -90,25 +90,19 @@ def collect(model, zs, optimizer=None) -> RankContent:
     """This rank's tensors (views, not copies) and the slice list describing them."""
     content = RankContent()
     replicated = not zs.policy.shard_optimizer
-    pieces = optimizer._pieces if optimizer is not None else []
-    by_slot = {}
-    for pc in pieces:
-        for i, s, e in pc.slots:
-            by_slot[id(pc.unit), i] = (pc, s, e)
-    for u in zs.units:
-        base = u.region[0]
-        for i, s, e in u.layout.pieces_in(*u.region):
-            slot, p = u.layout.slots[i], u.params[i]
-            if not _writes(zs, p, replicated_over_dp=replicated):
-                continue
-            lo, hi = s - slot.offset, e - slot.offset
-            content.add("master", slot.name, (lo, hi), u.master[s - base:e - base])
-            keys = []
-            if (id(u), i) in by_slot:
-                pc, ps, pe = by_slot[id(u), i]
-                keys = _add_state(content, optimizer, pc, name=slot.name, span=(lo, hi),
-                                  within=(ps - pc.start, pe - pc.start))
-            content.slices.append(["param", slot.name, lo, hi, keys])
+    owned = optimizer.owned_slices() if optimizer is not None else zs.owned_slices()
+    for s in owned:
+        if not _writes(zs, s.param, replicated_over_dp=replicated):
+            continue
+        content.add("master", s.name, s.span, s.master)
+        keys = []
+        for key, view in getattr(s, "state", {}).items():
+            content.add(f"state.{key}", s.name, s.span, view)
+            content.state_dtypes[key] = dtype_name(view.dtype)
+            keys.append(key)
+        for key, v in getattr(s, "scalars", {}).items():
+            content.scalars.setdefault(s.name, {})[key] = _scalar(v)
+        content.slices.append(["param", s.name, *s.span, keys])
     _, extras = split_state_dict(model, zs)
     for name, t in extras.items():
         if _writes(zs, t, replicated_over_dp=True):
@@ -117,29 +111,12 @@ def collect(model, zs, optimizer=None) -> RankContent:
     return content
 
 
-def _add_state(content: RankContent, optimizer, pc, *, name: str, span, within) -> list[str]:
-    state = optimizer.inner.state.get(pc.tensor, {})
-    keys = []
-    for key, v in state.items():
-        if torch.is_tensor(v) and v.dim() > 0:
-            if tuple(v.shape) != tuple(pc.tensor.shape):
-                raise ValueError(f"checkpoint.save: optimizer state {key!r} of {name} has shape "
-                                 f"{tuple(v.shape)}, not the parameter's {tuple(pc.tensor.shape)}; only "
-                                 "element-wise optimizer states can be sharded and resharded")
-            content.add(f"state.{key}", name, span, v.reshape(-1)[within[0]:within[1]])
-            content.state_dtypes[key] = dtype_name(v.dtype)
-            keys.append(key)
-        else:
-            content.scalars.setdefault(name, {})[key] = _scalar(v)
-    return keys
-
-
 def describe_params(model, zs) -> tuple[dict, dict, dict]:
     """(params, extras, aliases) metadata for the manifest, from this rank's view of the model."""
     params = {}
     for u in zs.units:
         for slot, p in zip(u.layout.slots, u.params):
-            params[slot.name] = {"shape": list(slot.shape), "dtype": dtype_name(u.master_dtype),
+            params[slot.name] = {"shape": list(slot.shape), "dtype": dtype_name(u.dtypes.master),
                                  "tp": tp_spec(p), "slices": [], "scalars": {}}
     aliases, extras = split_state_dict(model, zs)
     extra_meta = {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "tp": tp_spec(t), "slices": []}

@@ -5,7 +5,9 @@ Each rank reads only the slices its own master and optimizer state cover, as pos
 of those byte ranges straight into the master and state tensors (no mapping, no staging copy), so
 a rank's host memory grows by exactly the state it restores, whatever the number of ranks that
 wrote the checkpoint. Then the parameters are made to follow the master exactly as after an
-optimizer step (``unit.after_step()``: a copy, and an all-gather at stages 1–2).
+optimizer step (``unit.params_from_master()``: a copy, and an all-gather at stages 1–2). Slices
+come from ``owned_slices()`` of the model and optimizer; the optimizer state is handed to the
+wrapped optimizer through its own ``load_state_dict``.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def load(root, *, model, optimizer=None, scheduler=None, tag: str | None = None,
         if st:
             raise RuntimeError(f"checkpoint.load: rank {rank} failed: {st}")
     for u in zs.units:
-        u.after_step()
+        u.params_from_master()
     if optimizer is not None:
         _load_optimizer_hyper(optimizer, manifest["optimizer"])
     if scheduler is not None:
@@ -110,12 +112,9 @@ def _check_optimizer(meta, optimizer, zs, ckpt) -> None:
 # ------------------------------------------------------------------ data
 def _load_master(zs, source: ParamSource) -> None:
     with torch.no_grad():
-        for u in zs.units:
-            base = u.region[0]
-            for i, s, e in u.layout.pieces_in(*u.region):
-                slot, p = u.layout.slots[i], u.params[i]
-                source.read_into(u.master[s - base:e - base], slot.name, "master", s - slot.offset,
-                                 target=tp_spec(p), target_rank=tp_rank_of(p))
+        for s in zs.owned_slices():
+            source.read_into(s.master, s.name, "master", s.span[0], target=tp_spec(s.param),
+                             target_rank=tp_rank_of(s.param))
 
 
 def _load_extras(model, zs, source: ParamSource) -> None:
@@ -128,36 +127,23 @@ def _load_extras(model, zs, source: ParamSource) -> None:
                 t.copy_(flat.view(t.shape))
 
 
-def _scalar_tensor(value, dtype: str | None, device):
+def _scalar(value, dtype: str | None):
     value = from_json(value)
-    return value if dtype is None else torch.tensor(value, dtype=dtype_of(dtype), device=device)
+    return value if dtype is None else torch.tensor(value, dtype=dtype_of(dtype))
 
 
 def _load_optimizer_state(optimizer, source: ParamSource) -> None:
-    state_dtypes = source.manifest["optimizer"]["state"]
+    state_dtypes = {k: dtype_of(dt) for k, dt in source.manifest["optimizer"]["state"].items()}
+
+    def fill(s, key, out):
+        source.read_into(out, s.name, f"state.{key}", s.span[0], target=tp_spec(s.param),
+                         target_rank=tp_rank_of(s.param))
+
+    def scalars_of(name):
+        return {k: _scalar(v, dt) for k, (v, dt) in source.meta(name)["scalars"].items()}
+
     with torch.no_grad():
-        for pc in optimizer._pieces:
-            u = pc.unit
-            first = u.layout.slots[pc.slots[0][0]].name
-            scalars = source.meta(first)["scalars"]
-            old = optimizer.inner.state.pop(pc.tensor, {})
-            if not state_dtypes and not scalars:
-                continue                          # saved before the first step: no state
-            group = optimizer.inner.param_groups[pc.group]
-            scalar_device = pc.tensor.device if group.get("capturable") or group.get("fused") else "cpu"
-            new = {k: _scalar_tensor(v, dt, old[k].device if torch.is_tensor(old.get(k)) else scalar_device)
-                   for k, (v, dt) in scalars.items()}
-            for key, dt in state_dtypes.items():
-                buf = old.get(key)
-                if not (torch.is_tensor(buf) and buf.shape == pc.tensor.shape and buf.dtype == dtype_of(dt)):
-                    buf = torch.empty(pc.tensor.shape, dtype=dtype_of(dt), device=pc.tensor.device)
-                flat = buf.view(-1)
-                for i, s, e in pc.slots:
-                    slot, p = u.layout.slots[i], u.params[i]
-                    source.read_into(flat[s - pc.start:e - pc.start], slot.name, f"state.{key}",
-                                     s - slot.offset, target=tp_spec(p), target_rank=tp_rank_of(p))
-                new[key] = buf
-            optimizer.inner.state[pc.tensor] = new
+        optimizer.load_owned_state(fill, state_dtypes=state_dtypes, scalars_of=scalars_of)
 
 
 def _load_optimizer_hyper(optimizer, meta: dict) -> None:

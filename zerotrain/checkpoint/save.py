@@ -153,7 +153,7 @@ def _manifest(model, zs, parts: dict, reports: list[dict], *, step: int, tag: st
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _version(),
         "tag": tag, "step": step, "created_unix": time.time(),
         "layout": {"stage": zs.stage, "dp": mesh.dp, "tp": mesh.tp, "world": mesh.world_size,
-                   "param_dtype": dtype_name(zs.param_dtype), "master_dtype": dtype_name(zs.master_dtype)},
+                   "param_dtype": dtype_name(zs.dtypes.param), "master_dtype": dtype_name(zs.dtypes.master)},
         "model": parts["model"], "params": params, "extras": extras, "aliases": aliases,
         "optimizer": optimizer, "scheduler": parts["scheduler"], "client_state": parts["client_state"],
         "ranks": [{k: rep[k] for k in ("rank", "dp_rank", "tp_rank", "file", "rng")} for rep in reports],

@@ -40,7 +40,7 @@ __all__ = [
 
 
 @dataclass
-class _Counter:
+class _CollectiveCount:
     calls: int = 0
     bytes: int = 0
     wire_bytes: float = 0.0
@@ -48,7 +48,7 @@ class _Counter:
 
 @dataclass
 class _Stats:
-    counters: dict = field(default_factory=lambda: defaultdict(_Counter))
+    counters: dict = field(default_factory=lambda: defaultdict(_CollectiveCount))
     trace: list | None = None          # when set, every collective is appended (debug mode)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,7 +98,11 @@ def group_rank(group) -> int:
 
 
 class Handle:
-    """What an async collective returns: ``wait()`` it, then read the result."""
+    """What an async collective returns: ``wait()`` it, then read the result.
+
+    ``is_completed()`` asks the backend whether the transfers have finished (without waiting);
+    ``waited`` is True once ``wait()`` has run, including the bookkeeping attached with ``then``
+    (summing received chunks, returning scratch), which only ``wait()`` performs."""
 
     def __init__(self, work=None, then=None):
         self._work = [] if work is None else (list(work) if isinstance(work, (list, tuple)) else [work])
@@ -112,6 +116,10 @@ class Handle:
             then()
 
     def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._work)
+
+    @property
+    def waited(self) -> bool:
         return not self._work and self._then is None
 
 

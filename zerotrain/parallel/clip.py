@@ -20,19 +20,17 @@ def _tp_split(param) -> bool:
 
 def local_norm_terms(units, norm_type: float, tp: int) -> torch.Tensor:
     """This rank's contribution: sum of |g|^p (or max |g| for inf), in the master dtype."""
-    dtype = units[0].master_dtype
-    acc = torch.zeros((), dtype=dtype)
+    dtype = units[0].dtypes.master
+    acc = torch.zeros((), dtype=dtype, device=units[0].grad_region().device)
     for u in units:
-        g = u.grad_region()
-        mixed = tp > 1 and any(_tp_split(p) for p in u.params) and not all(_tp_split(p) for p in u.params)
-        if not mixed:
-            weight = 1.0 if tp == 1 or _tp_split(u.params[0]) else 1.0 / tp
-            acc = _accumulate(acc, g, norm_type, weight, dtype)
+        split = [_tp_split(p) for p in u.params]
+        if tp == 1 or all(split) or not any(split):     # one weight for the whole unit
+            weight = 1.0 if tp == 1 or split[0] else 1.0 / tp
+            acc = _accumulate(acc, u.grad_region(), norm_type, weight, dtype)
             continue
-        lo = u.region[0]
-        for i, start, end in u.layout.pieces_in(*u.region):
-            weight = 1.0 if _tp_split(u.params[i]) else 1.0 / tp
-            acc = _accumulate(acc, g[start - lo:end - lo], norm_type, weight, dtype)
+        for s in u.owned_slices():
+            weight = 1.0 if split[s.index] else 1.0 / tp
+            acc = _accumulate(acc, s.grad, norm_type, weight, dtype)
     return acc
 
 

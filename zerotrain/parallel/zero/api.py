@@ -18,7 +18,8 @@ from ...distributed.mesh import Mesh
 from ..precision import MixedPrecision
 from .hooks import StepSchedule
 from .policy import policy_for
-from .unit import ScratchPool, ShardedUnit
+from .scratch import ScratchPool
+from .unit import ParamSlice, ShardedUnit, UnitDtypes
 
 log = logging.getLogger("zerotrain")
 
@@ -60,15 +61,20 @@ def _assign_params(model: nn.Module, unit_modules: list[nn.Module]):
 class ZeroState:
     """Everything ``shard_model`` attaches to a model (``model.zero_state``)."""
 
-    def __init__(self, *, mesh: Mesh, policy, mp: MixedPrecision, units, root, schedule, dtypes):
+    def __init__(self, *, mesh: Mesh, policy, mp: MixedPrecision, units, root, schedule,
+                 dtypes: UnitDtypes):
         self.mesh, self.policy, self.mp = mesh, policy, mp
         self.units, self.root, self.schedule = units, root, schedule
-        self.param_dtype, self.master_dtype, self.reduce_dtype = dtypes
+        self.dtypes = dtypes
         self.param_index = {id(p): (u, i) for u in units for i, p in enumerate(u.params)}
 
     @property
     def stage(self) -> int:
         return self.policy.stage
+
+    def owned_slices(self) -> list[ParamSlice]:
+        """Every parameter slice whose master this rank keeps, unit by unit in flat order."""
+        return [s for u in self.units for s in u.owned_slices()]
 
 
 class ShardedModule:
@@ -80,11 +86,11 @@ class ShardedModule:
     def no_sync(self):
         """Skip gradient reduction for the backward passes inside (accumulate locally instead)."""
         sched = self.zero_state.schedule
-        prev, sched.require_sync = sched.require_sync, False
+        prev, sched.sync_grads = sched.sync_grads, False
         try:
             yield
         finally:
-            sched.require_sync = prev
+            sched.sync_grads = prev
 
     def state_dict(self, *args, **kwargs):
         """The module's state dict (stages 0–2; at stage 3 use ``full_state_dict``)."""
@@ -149,32 +155,32 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     _check_same_everywhere(mesh, stage, mp, per_unit, root_params)
 
     first = next(p for p in model.parameters() if p.requires_grad)
-    orig = first.dtype
-    master = orig if orig in (torch.float32, torch.float64) else torch.float32
-    param_dtype = mp.param_dtype or orig
-    reduce_dtype = mp.reduce_dtype or master
+    master = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+    dtypes = UnitDtypes(param=mp.param_dtype or first.dtype, master=master,
+                        reduce=mp.reduce_dtype or master)
     # stages 2-3 reuse full-size pack buffers; stage 1's receive scratch is allocated per
     # reduction: pooling it too left idle buffers beside the ones in flight and cost the largest
     # stage-1 model a 4% search step at 16 GB, for ~1% of step time
     scratch = ScratchPool(keep=StepSchedule.MAX_IN_FLIGHT + 1 if policy.shard_grads else 0)
-    kw = dict(policy=policy, group=mesh.dp_group, param_dtype=param_dtype,
-              master_dtype=master, reduce_dtype=reduce_dtype, scratch=scratch)
+    kw = dict(policy=policy, group=mesh.dp_group, dtypes=dtypes, scratch=scratch)
+    module_names = {m: n for n, m in model.named_modules()}
     units, root = [], None
     if root_params:
-        root = ShardedUnit(model, root_params, index=0, **kw)
+        root = ShardedUnit(model, root_params, index=0, name="<root>", **kw)
         units.append(root)
     for m, params in zip(unit_modules, per_unit):
         if params:
-            units.append(ShardedUnit(m, params, index=len(units), **kw))
+            units.append(ShardedUnit(m, params, index=len(units), name=module_names[m], **kw))
     for u in units:
-        u.materialize(sync_from_rank0=sync_module_states)
+        u.adopt_params(sync_from_rank0=sync_module_states)
     schedule = StepSchedule(units, root, prefetch=prefetch)
-    _install_hooks(model, units, root, schedule)
+    _install_hooks(model, units, schedule)
     model.zero_state = ZeroState(mesh=mesh, policy=policy, mp=mp, units=units, root=root,
-                                 schedule=schedule, dtypes=(param_dtype, master, reduce_dtype))
+                                 schedule=schedule, dtypes=dtypes)
     model.__class__ = type(f"Sharded{type(model).__name__}", (ShardedModule, type(model)), {})
     log.info("shard_model: stage %d over dp=%d, %d units, %d parameters, param %s / master %s / reduce %s",
-             stage, mesh.dp, len(units), sum(u.layout.numel for u in units), param_dtype, master, reduce_dtype)
+             stage, mesh.dp, len(units), sum(u.layout.numel for u in units), dtypes.param, dtypes.master,
+             dtypes.reduce)
     return model
 
 
@@ -194,10 +200,13 @@ def _select_units(model, wrap) -> list[nn.Module]:
     return outer
 
 
-def _install_hooks(model, units, root, schedule: StepSchedule) -> None:
+def _install_hooks(model, units, schedule: StepSchedule) -> None:
+    # the model's own hooks bracket every unit's: its pre-hook runs first, its post-hook last
+    model.register_forward_pre_hook(lambda m, a: schedule.begin_forward(), prepend=True)
     for unit in units:
         module = unit.module
         module.register_forward_pre_hook(lambda m, a, u=unit: schedule.pre_forward(u))
         module.register_forward_hook(lambda m, a, out, u=unit: schedule.post_forward(u, out))
         for i, p in enumerate(unit.params):
             p.register_post_accumulate_grad_hook(lambda p, u=unit, i=i: schedule.on_grad(u, i))
+    model.register_forward_hook(lambda m, a, out: schedule.end_forward())

@@ -15,21 +15,11 @@ import torch
 
 from .. import clip
 from ..precision import LossScaler
+from .pieces import OwnedSlice, Piece, build_pieces, owned
 
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
                torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Rprop,
                torch.optim.Adagrad)
-
-
-@dataclass
-class Piece:
-    """A run of the master shard handed to the wrapped optimizer as one tensor."""
-    unit: object
-    group: int
-    start: int          # flat-buffer coordinates of the run
-    end: int
-    slots: list         # (slot index, start, end) inside the run, flat coordinates
-    tensor: torch.Tensor = None
 
 
 @dataclass
@@ -81,7 +71,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         kwargs = self._prefer_fused(optimizer_class, kwargs)
         probe = optimizer_class([torch.zeros(1)], **kwargs)       # validates kwargs, gives defaults
         super().__init__(groups, probe.defaults)
-        self._pieces = self._build_pieces()
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        self._pieces: list[Piece] = build_pieces(zs.units, group_of, shaped=not zs.policy.shard_optimizer)
         inner_groups = [dict({k: v for k, v in g.items() if k != "params"},
                              params=[pc.tensor for pc in self._pieces if pc.group == gi])
                         for gi, g in enumerate(self.param_groups)]
@@ -99,7 +90,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return kwargs
         if optimizer_class not in FUSED:
             return kwargs
-        dtypes = {u.master_dtype for u in self.zs.units}
+        dtypes = {u.dtypes.master for u in self.zs.units}
         device = self.zs.units[0].master.device
         try:
             optimizer_class([torch.zeros(1, dtype=d, device=device) for d in dtypes],
@@ -126,28 +117,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             groups[gi] = g
         return groups
 
-    def _build_pieces(self) -> list[Piece]:
-        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        shaped = not self.zs.policy.shard_optimizer      # stage 0: one piece per parameter, full shape
-        pieces = []
-        for u in self.zs.units:
-            lo = u.region[0]
-            for i, start, end in u.layout.pieces_in(*u.region):
-                gi = group_of.get(id(u.params[i]))
-                if gi is None:
-                    continue
-                last = pieces[-1] if pieces else None
-                if not shaped and last and last.unit is u and last.group == gi and last.end == start:
-                    last.end = end
-                    last.slots.append((i, start, end))
-                else:
-                    pieces.append(Piece(u, gi, start, end, [(i, start, end)]))
-            for pc in (p for p in pieces if p.unit is u):
-                pc.tensor = u.master[pc.start - lo:pc.end - lo]
-                if shaped:
-                    pc.tensor = pc.tensor.view(u.layout.slots[pc.slots[0][0]].shape)
-        return pieces
-
     # ------------------------------------------------------------------ public API
     @property
     def loss_scale(self) -> float | None:
@@ -167,8 +136,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        with self.zs.schedule.step_phase():
+            self.last_step = self._step()
+        return self.last_step
+
+    def _step(self) -> StepInfo:
         zs = self.zs
-        zs.schedule.finish()
         grads = [u.grad_region() for u in zs.units]
         # The reduced gradients are still a SUM over dp (stages 1-3) and loss-scaled (fp16). The
         # norm is taken on them as they are and rescaled (a norm is homogeneous), so the 1/N, the
@@ -180,19 +153,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                                     group=self._norm_group(), tp=zs.mesh.tp))
         if not math.isfinite(norm):
             return self._skip(norm)
+        for u in zs.units:
+            u.mark_stepped()              # refuses gradients that were never reduced
         coef = clip.clip_coefficient(norm, self.max_grad_norm) if self.max_grad_norm else 1.0
         if factor * coef != 1.0:
             for g in grads:
                 g.mul_(factor * coef)
-        self._run_inner(grads)
+        self._run_inner()
         for u in zs.units:
-            u.after_step()
+            u.params_from_master()
         if self.scaler is not None:
             self.scaler.update(False)
-        for u in zs.units:
-            u.accum_valid = False        # the next backward starts a fresh accumulation
-        self.last_step = StepInfo(norm, norm * coef, False, self.loss_scale)
-        return self.last_step
+        return StepInfo(norm, norm * coef, False, self.loss_scale)
 
     # ------------------------------------------------------------------ step phases
     def _grad_factor(self) -> float:
@@ -207,23 +179,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
         are on every rank (fp16: lower the loss scale) and drop the gradients."""
         if self.scaler is not None:
             self.scaler.update(True)
-        self.zero_grad()
-        self.last_step = StepInfo(norm, None, True, self.loss_scale)
-        return self.last_step
+        for u in self.zs.units:
+            u.zero_grads()
+        return StepInfo(norm, None, True, self.loss_scale)
 
     def _norm_group(self):
         mesh = self.zs.mesh
         return mesh.world_group if self.zs.policy.shard_optimizer else mesh.tp_group
 
-    def _run_inner(self, grads) -> None:
-        by_unit = {id(u): g for u, g in zip(self.zs.units, grads)}
+    def _run_inner(self) -> None:
         for pc in self._pieces:
-            g = by_unit[id(pc.unit)]
-            lo = pc.unit.region[0]
-            gv = g[pc.start - lo:pc.end - lo]
-            if gv.dtype != pc.tensor.dtype:
-                gv = gv.to(pc.tensor.dtype)
-            pc.tensor.grad = gv.view(pc.tensor.shape)
+            g = pc.grad_view()
+            pc.tensor.grad = g if g.dtype == pc.tensor.dtype else g.to(pc.tensor.dtype)
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             inner.update({k: v for k, v in outer.items() if k != "params"})
         self.inner.step()
@@ -231,20 +198,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
             pc.tensor.grad = None
 
     # ------------------------------------------------------------------ state
-    def local_state(self, name: str) -> list[tuple[int, int, dict]]:
-        """This rank's optimizer state for parameter ``name``: (lo, hi, {key: tensor}) slices in the
-        parameter's flattened coordinates."""
-        out = []
+    def owned_slices(self) -> list[OwnedSlice]:
+        """Every parameter slice this rank updates, with views of its master, reduced gradient and
+        optimizer state (element-wise tensors) and the per-piece scalar state."""
+        return [s for pc in self._pieces for s in owned(pc, self.inner.state.get(pc.tensor, {}))]
+
+    def load_owned_state(self, fill, *, state_dtypes: dict, scalars_of) -> None:
+        """Rebuild the wrapped optimizer's state slice by slice: ``fill(owned_slice, key, out)``
+        writes state ``key`` of one slice into the 1-D ``out``; ``scalars_of(name)`` gives the
+        scalar state ({key: value}) saved with parameter ``name``. The assembled state goes
+        through the wrapped optimizer's own ``load_state_dict``, which places each value where that
+        optimizer keeps it."""
+        saved = self.inner.state_dict()
+        index = {id(t): i for i, t in enumerate(t for g in self.inner.param_groups for t in g["params"])}
+        state = {}
         for pc in self._pieces:
-            for i, start, end in pc.slots:
-                slot = pc.unit.layout.slots[i]
-                if slot.name != name:
-                    continue
-                st = self.inner.state.get(pc.tensor, {})
-                sl = slice(start - pc.start, end - pc.start)
-                out.append((start - slot.offset, end - slot.offset,
-                            {k: (v.reshape(-1)[sl] if torch.is_tensor(v) and v.dim() else v) for k, v in st.items()}))
-        return out
+            piece_state = {k: torch.empty(pc.tensor.shape, dtype=dt, device=pc.tensor.device)
+                           for k, dt in state_dtypes.items()}
+            for s in owned(pc, piece_state):
+                for key, out in s.state.items():
+                    fill(s, key, out)
+            piece_state.update(scalars_of(pc.slices[0].name))
+            if piece_state:
+                state[index[id(pc.tensor)]] = piece_state
+        self.inner.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
     def state_dict(self) -> dict:
         """This rank's shard of the state (load it back at the same stage and dp size)."""

@@ -12,7 +12,7 @@ def _storage_key(t: torch.Tensor):
     return t.untyped_storage().data_ptr(), t.device
 
 
-class _Counter:
+class _StorageTally:
     def __init__(self):
         self.seen = set()
         self.bytes = {}
@@ -33,7 +33,7 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
 
     A master that is a view of the parameters (pure fp32) counts as params, not twice.
     ``comm_buffers``: reduction buffers the stage 1–3 pool holds (none between steps)."""
-    c = _Counter()
+    c = _StorageTally()
     zs = getattr(model, "zero_state", None)
     units = zs.units if zs else []
     for u in units:

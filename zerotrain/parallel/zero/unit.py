@@ -1,7 +1,8 @@
 """A sharded unit: one flat buffer for a group of parameters, and the three things done to it —
 unshard (all-gather), reshard (free), reduce_grads (all-reduce or reduce-scatter).
 
-What a unit holds per stage (Ψ = its padded size, N = dp size, S = Ψ/N):
+What a unit holds per stage (Ψ = its padded size, N = dp size, S = Ψ/N); every tensor is
+created in ``__init__`` and only its contents (or, for ``full`` at stage 3, its storage) change:
 
 ============  =====================  ==========================  ==============================
 stage         parameters             gradients                   master (fp32) / optimizer view
@@ -14,24 +15,68 @@ stage         parameters             gradients                   master (fp32) /
               gathered per use
 ============  =====================  ==========================  ==============================
 
-When the compute dtype equals the master dtype the master *is* the parameter storage (a view),
-so pure fp32 training keeps no second copy.
+``master_storage`` says what the master is: the parameter shard itself, a view of ``full``
+(pure fp32/fp64 training keeps no second copy) or a separate copy (mixed precision).
+
+States (``states.py`` has the transition tables; only this class changes them):
+
+* ``param_state``: SHARDED → GATHERING → UNSHARDED → SHARDED (``unshard`` / ``wait`` / ``reshard``).
+* ``grad_state``: EMPTY → (LOCAL) → REDUCING → REDUCED → STEPPED → ... ; ``zero_grads`` → EMPTY.
+  A reduction from REDUCED or REDUCED_LOCAL adds onto the buffers (accumulation), from any other
+  state it overwrites them; ``step()`` is allowed from REDUCED (or EMPTY: zero gradients) only.
 """
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 
 from ...distributed import comm
 from .flat import FlatLayout, flatten_into
 from .policy import Reduce, StagePolicy
+from .scratch import ScratchPool
+from .states import ACCUMULATES, GradEvent, GradState, ParamState, next_grad_state
 
 
-class UnitState(enum.Enum):
-    SHARDED = "sharded"
-    GATHERING = "gathering"
-    UNSHARDED = "unsharded"
+class MasterStorage(enum.Enum):
+    PARAM_SHARD = "the stage-3 parameter shard"
+    PARAM_FULL = "a view of the full parameters"
+    COPY = "a separate copy in the master dtype"
+
+
+@dataclass(frozen=True)
+class UnitDtypes:
+    param: torch.dtype       # what the model computes with
+    master: torch.dtype      # what the optimizer updates (fp32, fp64 for an fp64 model)
+    reduce: torch.dtype      # what gradients are reduced and accumulated in
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """The part of one parameter inside this rank's owned region of its unit."""
+    unit: "ShardedUnit"
+    index: int               # the parameter's position in the unit
+    flat: tuple[int, int]    # [start, end) in the unit's flat buffer
+    span: tuple[int, int]    # [lo, hi) in the parameter's own flattened elements
+
+    @property
+    def name(self) -> str:
+        return self.unit.names[self.index]
+
+    @property
+    def param(self) -> torch.nn.Parameter:
+        return self.unit.params[self.index]
+
+    @property
+    def master(self) -> torch.Tensor:
+        lo = self.unit.region[0]
+        return self.unit.master[self.flat[0] - lo:self.flat[1] - lo]
+
+    @property
+    def grad(self) -> torch.Tensor:
+        lo = self.unit.region[0]
+        return self.unit.grad_region()[self.flat[0] - lo:self.flat[1] - lo]
 
 
 def _free(t: torch.Tensor) -> None:
@@ -42,162 +87,147 @@ def _alloc(t: torch.Tensor) -> None:
     t.untyped_storage().resize_(t.numel() * t.element_size())
 
 
-class ScratchPool:
-    """Buffers for the reductions of one backward, handed from a finished unit to the next.
-
-    Stages 2–3 pack each unit's gradients into a full-size buffer for the reduce-scatter and
-    free it once the collective is done; at most ``MAX_IN_FLIGHT + 1`` are alive at once (the
-    schedule bounds reductions in flight). Reusing a finished buffer for the next unit saves
-    the allocation and its first touch (on CPU a large allocation is a fresh mmap, page-faulted
-    on use). A request is served by the smallest free buffer that is large enough (as a prefix
-    view). The schedule empties the pool when backward ends, so nothing is held between steps.
-    Stage 1 gets a pool with ``keep=0`` (every buffer freed when given back): pooling its
-    reduce-scatter scratch, or keeping buffers across steps, left idle buffers on top of the
-    peak and cost the largest stage-1 model at 16 GB a 4% search step, for ~1% of step time.
-    """
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self._free: list[torch.Tensor] = []
-
-    def take(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-        device = torch.device(device)
-        fits = [b for b in self._free if b.numel() >= numel and b.dtype == dtype and b.device == device]
-        if not fits:
-            return torch.empty(numel, dtype=dtype, device=device)
-        buf = min(fits, key=torch.Tensor.numel)
-        self._free = [b for b in self._free if b is not buf]
-        return buf[:numel]
-
-    def give(self, buf: torch.Tensor) -> None:
-        base = buf if buf._base is None else buf._base
-        if len(self._free) < self.keep:
-            self._free.append(base)
-
-    def trim(self, keep: int = 0) -> None:
-        """Keep the ``keep`` largest free buffers, free the others."""
-        self._free = sorted(self._free, key=torch.Tensor.numel, reverse=True)[:keep]
-
-    @property
-    def buffers(self) -> list[torch.Tensor]:
-        return list(self._free)
-
-
 class ShardedUnit:
     def __init__(self, module, named_params, *, index: int, policy: StagePolicy, group,
-                 param_dtype: torch.dtype, master_dtype: torch.dtype, reduce_dtype: torch.dtype,
-                 scratch: ScratchPool | None = None):
+                 dtypes: UnitDtypes, scratch: ScratchPool | None = None, name: str = ""):
         self.module, self.index, self.policy, self.group = module, index, policy, group
+        self.name = name or f"unit{index}"
         self.scratch = scratch or ScratchPool(keep=0)
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.param_dtype, self.master_dtype, self.reduce_dtype = param_dtype, master_dtype, reduce_dtype
+        self.dtypes = dtypes
         self.rank, self.world = comm.group_rank(group), comm.group_size(group)
         self.layout = FlatLayout.build([(n, p.shape) for n, p in named_params], self.world)
         self.lo, self.hi = self.layout.shard_range(self.rank)
-        self.state = UnitState.UNSHARDED
-        self._gather_handle = None
-        self.grad_full = self.grad_shard = None
-        self.accum_valid = False          # False: the next reduction starts the accumulation afresh
-        self.grads_clean = False          # True: grad_full is known to be all zeros
-        self.grads_ready: set[int] = set()
+        self.region = policy.owned_region(self.layout.padded, self.world, self.rank)
+        self.master_storage = (MasterStorage.COPY if dtypes.param != dtypes.master else
+                               MasterStorage.PARAM_SHARD if policy.shard_params else MasterStorage.PARAM_FULL)
+        device = self.params[0].device
+        padded, shard = self.layout.padded, self.layout.shard_numel
+        self.full = torch.empty(padded, dtype=dtypes.param, device=device)
+        self.shard = torch.empty(shard, dtype=dtypes.param, device=device) if policy.shard_params else None
+        if self.master_storage is MasterStorage.COPY:
+            self.master = torch.empty(self.region[1] - self.region[0], dtype=dtypes.master, device=device)
+        else:
+            self.master = self.shard if policy.shard_params else self.full[self.region[0]:self.region[1]]
+        self.grad_full = None if policy.shard_grads else torch.zeros(padded, dtype=dtypes.reduce, device=device)
+        self.grad_shard = torch.zeros(shard, dtype=dtypes.reduce, device=device) if policy.shard_grads else None
+        self.param_state = ParamState.UNSHARDED
+        if policy.shard_params:
+            _free(self.full)                  # allocated by each gather, freed after each use
+            self.param_state = ParamState.SHARDED
+        self.grad_state = GradState.EMPTY
+        self._gather_handle: comm.Handle | None = None
+        self._ready: set[int] = set()       # parameters whose gradient arrived in this backward
 
     # ---------------------------------------------------------------- construction
-    def materialize(self, *, sync_from_rank0: bool) -> None:
-        """Move the parameters into flat storage (and broadcast dp rank 0's values if asked)."""
-        device = self.params[0].device
-        src_dtype = torch.promote_types(self.master_dtype, self.params[0].dtype)
-        init = flatten_into(torch.empty(self.layout.padded, dtype=src_dtype, device=device),
+    def adopt_params(self, *, sync_from_rank0: bool) -> None:
+        """Take the module's current parameter values into flat storage (dp rank 0's values on
+        every rank if asked); each parameter becomes a view of ``full``."""
+        src_dtype = torch.promote_types(self.dtypes.master, self.params[0].dtype)
+        init = flatten_into(torch.empty(self.layout.padded, dtype=src_dtype, device=self.full.device),
                             [p.detach() for p in self.params], self.layout)
         if sync_from_rank0:
             comm.broadcast(init, self.group)
-        region = slice(None) if not self.policy.shard_optimizer else slice(self.lo, self.hi)
-        self.full = init.to(self.param_dtype, copy=True)
+        if self.policy.shard_params:
+            _alloc(self.full)
+        self.full.copy_(init)
         for p, view in zip(self.params, self.layout.views(self.full)):
             p.data = view                 # views stay valid while stage 3 frees and refills storage
-        self.shard = self.full[self.lo:self.hi].clone() if self.policy.shard_params else None
-        same = self.param_dtype == self.master_dtype
-        if same:
-            self.master = self.shard if self.policy.shard_params else self.full[region]
-        else:
-            self.master = init[region].to(self.master_dtype, copy=True)
+        if self.shard is not None:
+            self.shard.copy_(self.full[self.lo:self.hi])
+        if self.master_storage is MasterStorage.COPY:
+            self.master.copy_(init[self.region[0]:self.region[1]])
         if self.policy.shard_params:
             _free(self.full)
-            self.state = UnitState.SHARDED
-        if self.policy.shard_grads:
-            self.grad_shard = torch.zeros(self.layout.shard_numel, dtype=self.reduce_dtype, device=device)
-        else:
-            self.grad_full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=device)
-        self.grads_clean = True
 
-    @property
-    def grads_in_place(self) -> bool:
-        """Stages 0–1 with gradients in the parameter dtype: ``.grad`` can be a view of grad_full."""
-        return self.grad_full is not None and self.reduce_dtype == self.param_dtype
-
-    def grads_into_buffer(self) -> None:
-        """Before a backward: point every ``.grad`` that is None at its view of the zeroed flat
-        gradient buffer, so autograd accumulates in place — no gradient allocated per parameter
-        per step and no copy into the buffer afterwards. Only done while the buffer is known to be
-        zero (after ``zero_grads``); otherwise ``_pack`` copies as usual."""
-        if not (self.grads_in_place and self.grads_clean):
-            return
-        for p, view in zip(self.params, self.layout.views(self.grad_full)):
-            if p.grad is None:
-                p.grad = view
+    def owned_slices(self) -> list[ParamSlice]:
+        """One entry per parameter overlapping this rank's owned region, in flat order."""
+        return [ParamSlice(self, i, (s, e), (s - self.layout.slots[i].offset, e - self.layout.slots[i].offset))
+                for i, s, e in self.layout.pieces_in(*self.region)]
 
     # ---------------------------------------------------------------- parameters
     def unshard(self, *, async_op: bool = False) -> None:
         """All-gather the full parameters (idempotent; stage 3 only does work)."""
-        if self.state is UnitState.UNSHARDED:
+        if self.param_state is ParamState.UNSHARDED:
             return
-        if self.state is UnitState.SHARDED:
+        if self.param_state is ParamState.SHARDED:
             _alloc(self.full)
             self._gather_handle = comm.all_gather(self.full, self.shard, self.group, async_op=True)
-            self.state = UnitState.GATHERING
+            self.param_state = ParamState.GATHERING
         if not async_op:
             self._gather_handle.wait()
             self._gather_handle = None
-            self.state = UnitState.UNSHARDED
+            self.param_state = ParamState.UNSHARDED
 
     def reshard(self) -> None:
-        if not self.policy.shard_params or self.state is UnitState.SHARDED:
+        if not self.policy.shard_params or self.param_state is ParamState.SHARDED:
             return
-        if self.state is UnitState.GATHERING:
+        if self.param_state is ParamState.GATHERING:
             self._gather_handle.wait()
             self._gather_handle = None
         _free(self.full)
-        self.state = UnitState.SHARDED
+        self.param_state = ParamState.SHARDED
 
-    def after_step(self) -> None:
+    def params_from_master(self) -> None:
         """Make the parameters reflect the updated master (stages 1–2 all-gather them, async)."""
-        def refresh(target: torch.Tensor) -> None:
-            if target.data_ptr() != self.master.data_ptr() or target.dtype != self.master.dtype:
-                target.copy_(self.master)
-        if self.policy.shard_params:
-            refresh(self.shard)
-        elif not self.policy.shard_optimizer:
-            refresh(self.full)
-        else:
+        if self.policy.gather_after_step:
             self.wait_params()                # a gather still in flight would overwrite the slice
-            own = self.full[self.lo:self.hi]
-            refresh(own)
+        if self.master_storage is MasterStorage.COPY:
+            target = self.shard if self.policy.shard_params else self.full[self.region[0]:self.region[1]]
+            target.copy_(self.master)
+        if self.policy.gather_after_step:
             # In place (the input is this rank's slice of the output: no extra buffer) and
             # asynchronous: the next forward waits for each unit just before using it, so the
             # gather overlaps the forward of the units before it.
-            self._gather_handle = comm.all_gather(self.full, own, self.group, async_op=True)
-            self.state = UnitState.GATHERING
+            self._gather_handle = comm.all_gather(self.full, self.full[self.lo:self.hi], self.group,
+                                                  async_op=True)
+            self.param_state = ParamState.GATHERING
 
     def wait_params(self) -> None:
         """Finish a post-step gather (stages 1–2); a no-op otherwise."""
-        if self.state is UnitState.GATHERING and not self.policy.shard_params:
+        if self.param_state is ParamState.GATHERING and not self.policy.shard_params:
             self.unshard()
 
     # ---------------------------------------------------------------- gradients
+    def _move(self, event: GradEvent) -> None:
+        self.grad_state = next_grad_state(self.grad_state, event, unit=self.name)
+
+    @property
+    def grads_in_place(self) -> bool:
+        """Stages 0–1 with gradients in the parameter dtype: ``.grad`` can be a view of grad_full."""
+        return self.grad_full is not None and self.dtypes.reduce == self.dtypes.param
+
+    def prepare_backward(self) -> None:
+        """Before a backward (from a forward in grad mode): point every ``.grad`` that is None at
+        its view of the flat gradient buffer, so autograd accumulates in place — no gradient
+        allocated per parameter per step and no copy into the buffer afterwards. Gradients a
+        step consumed are zeroed first: the next backward starts afresh."""
+        if not self.grads_in_place:
+            return
+        if self.grad_state is GradState.STEPPED:
+            self.zero_grads()
+        for p, view in zip(self.params, self.layout.views(self.grad_full)):
+            if p.grad is None:
+                p.grad = view
+
+    def grad_arrived(self, param_index: int) -> None:
+        """Note that a parameter's gradient is in (for this backward)."""
+        self._ready.add(param_index)
+
+    @property
+    def all_grads_arrived(self) -> bool:
+        return len(self._ready) == len(self.params)
+
+    def end_backward(self, *, reduced: bool) -> None:
+        """The backward is over; without a reduction its gradients stay local (``no_sync``)."""
+        if not reduced and self.grad_state is not GradState.REDUCING:
+            self._move(GradEvent.LOCAL)
+        self._ready = set()
+
     def _pack(self, flat: torch.Tensor, *, accumulate: bool) -> None:
         """Move each parameter's ``.grad`` into ``flat`` (adding if ``accumulate``)."""
         keep_views = flat is self.grad_full and self.grads_in_place
-        self.grads_clean = False
         for p, view in zip(self.params, self.layout.views(flat)):
             g = p.grad
             if g is not None and g.data_ptr() == view.data_ptr():
@@ -227,41 +257,44 @@ class ShardedUnit:
 
     def reduce_grads(self) -> comm.Handle:
         """Reduce this unit's gradients over dp; the returned handle finishes the bookkeeping."""
+        accumulate = self.grad_state in ACCUMULATES
+        self._move(GradEvent.REDUCE)
         if self.policy.shard_grads:
-            full = self.scratch.take(self.layout.padded, self.reduce_dtype, self.grad_shard.device)
+            full = self.scratch.take(self.layout.padded, self.dtypes.reduce, self.grad_shard.device)
             self._pack(full, accumulate=False)
-            if self.accum_valid:
+            if accumulate:
                 # fold what this rank accumulated so far into its own chunk, so the reduction
                 # lands straight in grad_shard with no second buffer
                 full[self.lo:self.hi].add_(self.grad_shard)
-            self.accum_valid = True
-            return self._reduce_scatter(self.grad_shard, full, lambda: self.scratch.give(full))
-        self._pack(self.grad_full, accumulate=self.accum_valid)
-        self.accum_valid = True
+
+            def release():
+                self.scratch.give(full)
+                self._move(GradEvent.REDUCED)
+            return self._reduce_scatter(self.grad_shard, full, release)
+        self._pack(self.grad_full, accumulate=accumulate)
         if self.policy.reduce is Reduce.ALL_REDUCE_AVG:
-            return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
+            work = comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
+            return comm.Handle(work, lambda: self._move(GradEvent.REDUCED))
 
         def drop_other_slices():          # they were this rank's local terms, now sent
             self.grad_full[:self.lo].zero_()
             self.grad_full[self.hi:].zero_()
+            self._move(GradEvent.REDUCED)
         return self._reduce_scatter(self.grad_full[self.lo:self.hi], self.grad_full, drop_other_slices)
 
     def grad_region(self) -> torch.Tensor:
         """The reduced gradient matching ``master`` (SUM over dp for stages 1–3)."""
         if self.policy.shard_grads:
             return self.grad_shard
-        return self.grad_full[self.lo:self.hi] if self.policy.shard_optimizer else self.grad_full
+        return self.grad_full[self.region[0]:self.region[1]]
+
+    def mark_stepped(self) -> None:
+        self._move(GradEvent.STEP)
 
     def zero_grads(self) -> None:
+        self._move(GradEvent.ZERO)
         for buf in (self.grad_full, self.grad_shard):
             if buf is not None:
                 buf.zero_()
         for p in self.params:
             p.grad = None
-        self.accum_valid = False
-        self.grads_clean = True
-
-    @property
-    def region(self) -> tuple[int, int]:
-        """The [lo, hi) range of the flat buffer this rank's master and optimizer state cover."""
-        return (self.lo, self.hi) if self.policy.shard_optimizer else (0, self.layout.padded)
