@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class Block(nn.Module):
@@ -34,11 +35,12 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.lm_head.weight = self.wte.weight
+        self.recompute = False      # activation checkpointing per block (non-reentrant)
 
     def forward(self, idx, targets=None):
         x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
         for b in self.blocks:
-            x = b(x)
+            x = checkpoint(b, x, use_reentrant=False) if self.recompute else b(x)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

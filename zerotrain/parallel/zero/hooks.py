@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -52,6 +53,15 @@ def _tensors_in(output) -> list[torch.Tensor]:
     return found
 
 
+class TraceEvent(NamedTuple):
+    """One schedule event, recorded when ``StepSchedule.trace`` is a list (tests, debugging)."""
+    phase: Phase
+    event: str
+    unit: int | None         # the unit's index
+    state: object            # the unit's ParamState when the event happened (before acting)
+    detail: int | None = None
+
+
 def _in_backward() -> bool:
     """True while autograd's engine is executing a backward on this thread."""
     return torch._C._current_graph_task_id() != -1
@@ -68,7 +78,7 @@ class StepSchedule:
         self.reduce_order = blocks[::-1] + ([root] if root is not None else [])
         self.phase = Phase.IDLE
         self.sync_grads = True            # False inside ``no_sync()``: backward keeps grads local
-        self.trace: list | None = None    # when a list: every hook appends (phase, event, unit, state)
+        self.trace: list[TraceEvent] | None = None     # when a list, every event is appended
         self._fwd_order: list[ShardedUnit] = []
         self._last_fwd_order: list[ShardedUnit] = []
         self._reset_backward()
@@ -78,10 +88,10 @@ class StepSchedule:
         self._pending = []
         self._callback_queued = False
 
-    def _note(self, event: str, unit: ShardedUnit | None = None) -> None:
+    def _note(self, event: str, unit: ShardedUnit | None = None, detail: int | None = None) -> None:
         if self.trace is not None:
-            self.trace.append((self.phase, event, None if unit is None else unit.index,
-                               None if unit is None else unit.param_state))
+            self.trace.append(TraceEvent(self.phase, event, None if unit is None else unit.index,
+                                         None if unit is None else unit.param_state, detail))
 
     # ------------------------------------------------------------------ forward
     def begin_forward(self) -> None:
@@ -118,8 +128,8 @@ class StepSchedule:
         if self.prefetch and unit.policy.shard_params:
             nxt = self._neighbour(self._last_fwd_order, unit, +1)
             if nxt is not None:
-                nxt.unshard(async_op=True)
                 self._note("prefetch", nxt)
+                nxt.unshard(async_op=True)
 
     def post_forward(self, unit: ShardedUnit, output):
         self._note("post_forward", unit)
@@ -159,8 +169,8 @@ class StepSchedule:
         if self.prefetch:
             prev = self._neighbour(self._fwd_order, unit, -1)
             if prev is not None:
-                prev.unshard(async_op=True)
                 self._note("prefetch", prev)
+                prev.unshard(async_op=True)
 
     def on_grad(self, unit: ShardedUnit, param_index: int):
         self._enter_backward()
@@ -174,8 +184,8 @@ class StepSchedule:
                 return
             self._next_reduce += 1
             if self.sync_grads:
-                self._pending.append(unit.reduce_grads())
                 self._note("reduce", unit)
+                self._pending.append(unit.reduce_grads())
                 self._bound_in_flight()
             if unit is not self.root or flush:
                 unit.reshard()
@@ -190,6 +200,7 @@ class StepSchedule:
         for handle in in_flight[:-self.MAX_IN_FLIGHT]:
             handle.wait()
         self._pending = [h for h in self._pending if not h.waited]
+        self._note("in_flight", detail=len(self._pending))
 
     def end_backward(self):
         self._issue_ready(flush=True)
