@@ -23,11 +23,14 @@ class Case:
     no_sync: bool = False      # defer reduction on all but the last micro-batch
     clip: float | None = None
     groups: bool = False       # weight-decay exemption + a second lr
+    recompute: bool = False    # activation checkpointing per block (non-reentrant)
+    prefetch: bool = True
 
     @property
     def name(self) -> str:
         return (f"{self.kind}-s{self.stage}-{str(self.dtype)[6:]}-k{self.accum}"
-                f"{'-nosync' if self.no_sync else ''}{'-clip' if self.clip else ''}{'-groups' if self.groups else ''}")
+                f"{'-nosync' if self.no_sync else ''}{'-clip' if self.clip else ''}{'-groups' if self.groups else ''}"
+                f"{'-recompute' if self.recompute else ''}{'' if self.prefetch else '-noprefetch'}")
 
 
 def param_groups(named_params, case: Case):
@@ -68,7 +71,8 @@ def run_reference(case: Case):
 
 def run_sharded(mesh, case: Case):
     model = make_model(case.kind, case.dtype)
-    zerotrain.shard_model(model, stage=case.stage, mesh=mesh)
+    model.recompute = case.recompute
+    zerotrain.shard_model(model, stage=case.stage, mesh=mesh, prefetch=case.prefetch)
     groups = param_groups([(n, p) for n, p in model.named_parameters()], case)
     opt = zerotrain.ShardedOptimizer(model, torch.optim.AdamW, groups, lr=LR, weight_decay=0.01,
                                      max_grad_norm=case.clip)

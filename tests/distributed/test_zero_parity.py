@@ -21,6 +21,8 @@ def cases() -> list[Case]:
     out += [Case("uneven", s, accum=4, no_sync=True) for s in STAGES]
     out += [Case("gpt", s, clip=0.05) for s in STAGES]
     out += [Case("gpt", s, groups=True, clip=0.5, accum=2) for s in STAGES]
+    out += [Case("gpt", s, recompute=True, accum=2) for s in (0, 3)]
+    out += [Case("gpt", 3, prefetch=False)]
     return out
 
 

@@ -197,7 +197,7 @@ class StepSchedule:
             if handle.is_completed():
                 handle.wait()               # finished: run its bookkeeping, return its buffer
         in_flight = [h for h in self._pending if not h.waited]
-        for handle in in_flight[:-self.MAX_IN_FLIGHT]:
+        for handle in in_flight[:max(len(in_flight) - self.MAX_IN_FLIGHT, 0)]:
             handle.wait()
         self._pending = [h for h in self._pending if not h.waited]
         self._note("in_flight", detail=len(self._pending))
