@@ -94,7 +94,7 @@ def build_optimizer(model, opts: Options):
                                       max_grad_norm=o.grad_clip)
 
 
-def build_scheduler(opt, opts: Options, *, step: int = 0) -> WarmupCosineLR:
+def lr_schedule_for(opt, opts: Options, *, step: int = 0) -> WarmupCosineLR:
     """Linear warmup, cosine decay to ``min_lr`` at ``train.steps``, positioned at ``step``.
 
     The schedule is a function of the step alone, so a resumed run rebuilds it from its current
@@ -219,7 +219,7 @@ def train(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: boo
     opt = build_optimizer(model, opts)
     state = TrainState()
     resume(model, opt, opts, state)
-    sched = build_scheduler(opt, opts, step=state.step)
+    sched = lr_schedule_for(opt, opts, step=state.step)
     metrics = MetricsLog(opts.run_dir, enabled=rank0, resume_step=state.step, tensorboard=tensorboard)
     if state.step >= opts.train.steps:
         log.info("run %s is already at step %d of %d; evaluating it (raise --steps to train longer)",
