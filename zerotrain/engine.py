@@ -200,7 +200,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         _apply_tp(model, mesh)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    model = shard_model(model, stage=cfg.zero_optimization.stage, mesh=mesh, mixed_precision=_mixed_precision(cfg))
+    model = shard_model(model, stage=cfg.zero_optimization.stage, mesh=mesh, mixed_precision=_mixed_precision(cfg),
+                        activation_checkpointing=cfg.recompute_units)
     cls, groups, kwargs = _optimizer_spec(cfg, model, optimizer, model_parameters)
     opt = ShardedOptimizer(model, cls, groups, max_grad_norm=cfg.gradient_clipping or None, **kwargs)
     if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):

@@ -182,3 +182,15 @@ def test_option_layers_and_resume_rules(tmp_path):
         resolve_options(_train_parser().parse_args(["--runs-dir", str(tmp_path), "model.n_layer=4"]))
     fresh = resolve_options(_train_parser().parse_args(["--runs-dir", str(tmp_path), "--fresh"]))
     assert fresh.model.n_layer is None
+
+
+def test_activation_checkpointing_flag_reaches_shard_model(tmp_path):
+    from zerotrain.train.cli import _train_parser, resolve_options
+    from zerotrain.train.trainer import build_model
+    from zerotrain.distributed.mesh import Mesh
+    argv = ["--runs-dir", str(tmp_path), "--activation-checkpointing", "model.n_layer=2", "model.n_embd=16",
+            "model.n_head=2", "model.block_size=8"]
+    opts = resolve_options(_train_parser().parse_args(argv))
+    assert opts.parallel.activation_checkpointing
+    model = build_model(opts, 300, Mesh.single())
+    assert len(model.zero_state.recomputed) == 2

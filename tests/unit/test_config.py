@@ -88,6 +88,10 @@ MALFORMED = [
     ({**BASE, "communication_data_type": "fp32"},
      ["communication_data_type: a DeepSpeed option zerotrain does not support; remove it. Use zerotrain.reduce_dtype."]),
     ({**BASE, "optimizer": "adam"}, ['optimizer: expected an object {"type": ..., "params": {...}}, got "adam"']),
+    ({**BASE, "activation_checkpointing": {"cpu_checkpointing": True}},
+     ["activation_checkpointing.cpu_checkpointing: cpu_checkpointing=true is not supported by zerotrain"]),
+    ({**BASE, "activation_checkpointing": {"partition_activation": True}},
+     ["activation_checkpointing.partition_activation: unknown key; did you mean 'partition_activations'?"]),
 ]
 
 
@@ -261,3 +265,17 @@ def test_cli(tmp_path, capsys):
     assert cli_config(["validate", str(tmp_path / "missing.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert cli_config(["frobnicate"]) == 2
+
+
+def test_activation_checkpointing_block_turns_on_recompute_per_unit(caplog):
+    import zerotrain
+    from zerotrain.model import GPT, GPTConfig
+    assert not parse_config(BASE).recompute_units
+    cfg = {**BASE, "optimizer": {"type": "AdamW"},
+           "activation_checkpointing": {"partition_activations": False, "number_checkpoints": 4}}
+    assert parse_config(cfg).recompute_units
+    with caplog.at_level(logging.WARNING, logger="zerotrain"):
+        engine, *_ = zerotrain.initialize(model=GPT(GPTConfig(vocab_size=17, block_size=8, n_layer=2, n_head=2,
+                                                              n_embd=8)), config=cfg)
+    assert len(engine.module.zero_state.recomputed) == 2
+    assert "activation_checkpointing.number_checkpoints" in caplog.text      # accepted, inert

@@ -190,6 +190,24 @@ OptimizerConfig = _tagged(*OPTIMIZERS, error="unknown_optimizer")
 SchedulerConfig = _tagged(*SCHEDULERS, error="unknown_scheduler")
 
 
+class ActivationCheckpointingConfig(_Block):
+    """DeepSpeed's ``activation_checkpointing`` block. Its presence turns on per-unit recompute
+    (``shard_model(activation_checkpointing=True)``): each transformer block keeps only its inputs.
+    Partitioning checkpoints over tensor-parallel ranks and CPU checkpointing are not implemented."""
+    partition_activations: Annotated[Bool, _rule(lambda v: not v, (
+        "partition_activations=true is not supported by zerotrain; set it to false (each tp rank keeps "
+        "its unit inputs whole)"))] = False
+    cpu_checkpointing: Annotated[Bool, _rule(lambda v: not v, (
+        "cpu_checkpointing=true is not supported by zerotrain; set it to false (checkpoints stay on the "
+        "device)"))] = False
+    contiguous_memory_optimization: Bool = False
+    number_checkpoints: Optional[PosInt] = None
+    synchronize_checkpoint_boundary: Bool = False
+    profile: Bool = False
+    INERT = frozenset({"contiguous_memory_optimization", "number_checkpoints", "synchronize_checkpoint_boundary",
+                       "profile"})
+
+
 class TensorParallelConfig(_Block):
     tp_size: PosInt = 1
 

@@ -12,7 +12,7 @@ from zerotrain.config.schema import ZeroTrainConfig
 
 _DEEPSPEED_ONLY = {"communication_data_type": " Use zerotrain.reduce_dtype.", "fp32_allreduce":
                    " Use zerotrain.reduce_dtype.", "amp": " Use bf16 or fp16.", **dict.fromkeys((
-                       "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor",
+                       "flops_profiler", "tensorboard", "wandb", "csv_monitor",
                        "comms_logger", "pipeline", "prescale_gradients", "gradient_predivide_factor",
                        "zero_allow_untested_optimizer", "sparse_attention", "elasticity", "autotuning",
                        "data_efficiency"), "")}

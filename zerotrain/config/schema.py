@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from pydantic import Field, model_validator
 
-from zerotrain.config.blocks import (BF16Config, Bool, FP16Config, NonNeg, NonNegInt, OptimizerConfig, PosInt,
+from zerotrain.config.blocks import (ActivationCheckpointingConfig, BF16Config, Bool, FP16Config, NonNeg, NonNegInt, OptimizerConfig, PosInt,
                                      SchedulerConfig, SGDParams, TensorParallelConfig, ZeroConfig,
                                      ZeroTrainExtras, _Block)
 from zerotrain.config.errors import ConfigError
@@ -37,6 +37,7 @@ class ZeroTrainConfig(_Block):
     wall_clock_breakdown: Bool = False
     seed: Optional[NonNegInt] = None
     tensor_parallel: TensorParallelConfig = Field(default_factory=TensorParallelConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = Field(default_factory=ActivationCheckpointingConfig)
     zerotrain: ZeroTrainExtras = Field(default_factory=ZeroTrainExtras)
     INERT = frozenset({"wall_clock_breakdown"})
 
@@ -57,6 +58,11 @@ class ZeroTrainConfig(_Block):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    @property
+    def recompute_units(self) -> bool:
+        """Per-unit activation checkpointing: on when the config has an activation_checkpointing block."""
+        return "activation_checkpointing" in self.model_fields_set
 
     @property
     def precision(self) -> str:

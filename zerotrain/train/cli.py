@@ -54,6 +54,8 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file with option sections (model, data, parallel, optim, train, run)")
     for flag, (_, typ, help_) in FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward (less memory, ~1/3 more compute)")
     p.add_argument("--fresh", action="store_true", help="start the run over, discarding its checkpoints")
     p.add_argument("--options", action="store_true", help="print every option with its default and exit")
     p.add_argument("--verbose", action="store_true", help="debug logging")
@@ -64,6 +66,8 @@ def _train_parser() -> argparse.ArgumentParser:
 def resolve_options(args) -> Options:
     """Options from the command line; for an existing run, its saved options are the base."""
     settings = {FLAGS[f][0]: v for f in FLAGS if (v := getattr(args, f[2:].replace("-", "_"))) is not None}
+    if args.activation_checkpointing:
+        settings["parallel.activation_checkpointing"] = True
     opts = build_options(config_file=args.config, settings=settings, overrides=args.overrides)
     saved = opts.run_dir / "options.json"
     if saved.is_file() and not args.fresh:

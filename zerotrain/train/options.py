@@ -63,6 +63,7 @@ class ParallelOptions(_Section):
     stage: Literal[0, 1, 2, 3] = 3
     tp: PosInt = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False     # recompute each block's activations in backward
 
 
 class OptimOptions(_Section):

@@ -75,7 +75,8 @@ def build_model(opts: Options, vocab_size: int, mesh):
         from zerotrain.parallel.tensor import apply_tensor_parallel
         apply_tensor_parallel(model, mesh.tp_group)
     precision = None if opts.parallel.precision == "fp32" else opts.parallel.precision
-    return zerotrain.shard_model(model, stage=opts.parallel.stage, mesh=mesh, mixed_precision=precision)
+    return zerotrain.shard_model(model, stage=opts.parallel.stage, mesh=mesh, mixed_precision=precision,
+                                 activation_checkpointing=opts.parallel.activation_checkpointing)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

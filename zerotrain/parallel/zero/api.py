@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ...distributed import comm
 from ...distributed.mesh import Mesh
+from ..checkpointing import apply_activation_checkpointing
 from ..precision import MixedPrecision
 from .hooks import StepSchedule
 from .policy import policy_for
@@ -62,8 +63,9 @@ class ZeroState:
     """Everything ``shard_model`` attaches to a model (``model.zero_state``)."""
 
     def __init__(self, *, mesh: Mesh, policy, mp: MixedPrecision, units, root, schedule,
-                 dtypes: UnitDtypes):
+                 dtypes: UnitDtypes, recomputed=()):
         self.mesh, self.policy, self.mp = mesh, policy, mp
+        self.recomputed = list(recomputed)    # units under activation checkpointing
         self.units, self.root, self.schedule = units, root, schedule
         self.dtypes = dtypes
         self.param_index = {id(p): (u, i) for u in units for i, p in enumerate(u.params)}
@@ -131,13 +133,16 @@ def _check_same_everywhere(mesh: Mesh, stage, mp: MixedPrecision, per_unit, root
 
 
 def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed_precision=None,
-                wrap=None, sync_module_states: bool = True, prefetch: bool = True) -> nn.Module:
+                wrap=None, sync_module_states: bool = True, prefetch: bool = True,
+                activation_checkpointing=False) -> nn.Module:
     """Shard ``model`` in place over the data-parallel group of ``mesh`` and return it.
 
     ``stage``: 0 plain data parallel, 1 optimizer states sharded, 2 + gradients, 3 + parameters.
     ``mixed_precision``: None, "bf16"/"fp16"/"fp32" or a :class:`MixedPrecision`.
     ``wrap``: the modules that become units (a list, or a callable ``module -> bool``); default:
     each block of a ModuleList of identical blocks. Everything else is in the root unit.
+    ``activation_checkpointing``: True (every unit but the root) or a callable ``module -> bool``:
+    those units keep only their inputs and recompute their activations in backward.
     """
     policy = policy_for(stage)
     if isinstance(model, ShardedModule):
@@ -152,6 +157,8 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
                          "materialise it first (model.to_empty(device=...) then initialise)")
     unit_modules = _select_units(model, wrap)
     per_unit, root_params = _assign_params(model, unit_modules)
+    recomputed = apply_activation_checkpointing(unit_modules, activation_checkpointing) \
+        if activation_checkpointing is not False else []
     _check_same_everywhere(mesh, stage, mp, per_unit, root_params)
 
     first = next(p for p in model.parameters() if p.requires_grad)
@@ -176,7 +183,8 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     schedule = StepSchedule(units, root, prefetch=prefetch)
     _install_hooks(model, units, schedule)
     model.zero_state = ZeroState(mesh=mesh, policy=policy, mp=mp, units=units, root=root,
-                                 schedule=schedule, dtypes=dtypes)
+                                 schedule=schedule, dtypes=dtypes,
+                                 recomputed=[u for u in units if any(u.module is m for m in recomputed)])
     model.__class__ = type(f"Sharded{type(model).__name__}", (ShardedModule, type(model)), {})
     log.info("shard_model: stage %d over dp=%d, %d units, %d parameters, param %s / master %s / reduce %s",
              stage, mesh.dp, len(units), sum(u.layout.numel for u in units), dtypes.param, dtypes.master,
