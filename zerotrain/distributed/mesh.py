@@ -6,9 +6,17 @@ consecutive global ranks, so with ``torchrun --nproc-per-node`` a multiple of tp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
+
+
+def _backend_device() -> torch.device:
+    """Where this rank's tensors live: its GPU under NCCL, the CPU otherwise."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,7 @@ class Mesh:
     world_size: int = 1
     dp: int = 1
     tp: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def dp_rank(self) -> int:
@@ -30,17 +39,19 @@ class Mesh:
         return self.rank % self.tp
 
     @classmethod
-    def single(cls) -> "Mesh":
-        return cls(dp_group=None, tp_group=None, world_group=None)
+    def single(cls, device=None) -> "Mesh":
+        """One process, no process group; tensors on ``device`` (default: the CPU)."""
+        return cls(dp_group=None, tp_group=None, world_group=None,
+                   device=torch.device(device) if device is not None else torch.device("cpu"))
 
     @classmethod
     def default(cls) -> "Mesh":
         """The whole world as one data-parallel group (tp = 1), without creating new groups."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
-            return cls.single()
+            return cls.single(_backend_device())
         world = dist.get_world_size()
         return cls(dp_group=dist.group.WORLD, tp_group=None, world_group=dist.group.WORLD,
-                   rank=dist.get_rank(), world_size=world, dp=world, tp=1)
+                   rank=dist.get_rank(), world_size=world, dp=world, tp=1, device=_backend_device())
 
     @classmethod
     def build(cls, tp: int = 1) -> "Mesh":
@@ -63,8 +74,8 @@ class Mesh:
             dp_group=dp_groups[rank % tp] if dp > 1 else None,
             tp_group=tp_groups[rank // tp] if tp > 1 else None,
             world_group=dist.group.WORLD if world > 1 else None,
-            rank=rank, world_size=world, dp=dp, tp=tp,
+            rank=rank, world_size=world, dp=dp, tp=tp, device=_backend_device(),
         )
 
     def __repr__(self) -> str:
-        return f"Mesh(rank={self.rank}, world={self.world_size}, dp={self.dp}, tp={self.tp})"
+        return f"Mesh(rank={self.rank}, world={self.world_size}, dp={self.dp}, tp={self.tp}, device={self.device})"

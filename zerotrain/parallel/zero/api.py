@@ -18,6 +18,7 @@ from ...distributed.mesh import Mesh
 from ..checkpointing import apply_activation_checkpointing
 from ..precision import MixedPrecision
 from .hooks import StepSchedule
+from .materialize import check_buffers, filler, materialize_values, swap_in
 from .policy import policy_for
 from .scratch import ScratchPool
 from .unit import ParamSlice, ShardedUnit, UnitDtypes
@@ -134,7 +135,7 @@ def _check_same_everywhere(mesh: Mesh, stage, mp: MixedPrecision, per_unit, root
 
 def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed_precision=None,
                 wrap=None, sync_module_states: bool = True, prefetch: bool = True,
-                activation_checkpointing=False) -> nn.Module:
+                activation_checkpointing=False, param_init_fn=None, device=None) -> nn.Module:
     """Shard ``model`` in place over the data-parallel group of ``mesh`` and return it.
 
     ``stage``: 0 plain data parallel, 1 optimizer states sharded, 2 + gradients, 3 + parameters.
@@ -143,6 +144,11 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     each block of a ModuleList of identical blocks. Everything else is in the root unit.
     ``activation_checkpointing``: True (every unit but the root) or a callable ``module -> bool``:
     those units keep only their inputs and recompute their activations in backward.
+    ``device``: where the parameters and states live (default: the mesh's device — the rank's GPU
+    under NCCL — or, in a single process, where the model is). A model on another device is moved
+    there unit by unit. A model built on the meta device is materialised unit by unit, holding
+    only what the stage keeps, initialised by ``param_init_fn(module)``, the model's
+    ``init_weights()`` or each module's ``reset_parameters()`` (see ``materialize.py``).
     """
     policy = policy_for(stage)
     if isinstance(model, ShardedModule):
@@ -152,9 +158,10 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"shard_model: {type(model).__name__} has no trainable parameters; "
                          "nothing to shard (check requires_grad or that the model is built)")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("shard_model: the model has parameters on the meta device; "
-                         "materialise it first (model.to_empty(device=...) then initialise)")
+    meta = any(p.is_meta for p in model.parameters())
+    if meta:
+        check_buffers(model)
+    device = _target_device(model, mesh, device, meta)
     unit_modules = _select_units(model, wrap)
     per_unit, root_params = _assign_params(model, unit_modules)
     recomputed = apply_activation_checkpointing(unit_modules, activation_checkpointing) \
@@ -169,7 +176,7 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     # reduction: pooling it too left idle buffers beside the ones in flight and cost the largest
     # stage-1 model a 4% search step at 16 GB, for ~1% of step time
     scratch = ScratchPool(keep=StepSchedule.MAX_IN_FLIGHT + 1 if policy.shard_grads else 0)
-    kw = dict(policy=policy, group=mesh.dp_group, dtypes=dtypes, scratch=scratch)
+    kw = dict(policy=policy, group=mesh.dp_group, dtypes=dtypes, scratch=scratch, device=device)
     module_names = {m: n for n, m in model.named_modules()}
     units, root = [], None
     if root_params:
@@ -178,8 +185,12 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     for m, params in zip(unit_modules, per_unit):
         if params:
             units.append(ShardedUnit(m, params, index=len(units), name=module_names[m], **kw))
-    for u in units:
-        u.adopt_params(sync_from_rank0=sync_module_states)
+    if meta:
+        _materialize(model, units, param_init_fn, device=device, sync=sync_module_states)
+    else:
+        for u in units:
+            u.adopt_params(sync_from_rank0=sync_module_states)
+        _move_rest(model, device)
     schedule = StepSchedule(units, root, prefetch=prefetch)
     _install_hooks(model, units, schedule)
     model.zero_state = ZeroState(mesh=mesh, policy=policy, mp=mp, units=units, root=root,
@@ -190,6 +201,40 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
              stage, mesh.dp, len(units), sum(u.layout.numel for u in units), dtypes.param, dtypes.master,
              dtypes.reduce)
     return model
+
+
+def _target_device(model, mesh: Mesh, device, meta: bool) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if meta or mesh.world_size > 1:
+        return mesh.device
+    return next(model.parameters()).device      # one process: where the user built the model
+
+
+def _materialize(model, units, param_init_fn, *, device, sync: bool) -> None:
+    """Meta → device, one unit at a time (see materialize.py); every unit stays on meta until all
+    are filled, so the model's init never sees a unit's freed stage-3 storage."""
+    fill, one_at_a_time = filler(model, param_init_fn)
+    for u in units:
+        values = u.new_values()
+        materialize_values(model, u.params, u.layout.views(values), fill, one_at_a_time)
+        values[u.layout.numel:].zero_()
+        u.load_values(values, sync_from_rank0=sync)
+    for u in units:
+        u.bind_params()
+    frozen = [p for p in model.parameters() if p.is_meta]      # not in any unit: kept whole
+    for p in frozen:
+        value = torch.empty(p.shape, dtype=p.dtype, device=device)
+        materialize_values(model, [p], [value], fill, one_at_a_time)
+        swap_in(p, value)
+
+
+def _move_rest(model, device) -> None:
+    """Frozen parameters and buffers follow the units to ``device``."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.device != device:
+                t.data = t.data.to(device)
 
 
 def _select_units(model, wrap) -> list[nn.Module]:

@@ -34,6 +34,7 @@ import torch
 
 from ...distributed import comm
 from .flat import FlatLayout, flatten_into
+from .materialize import swap_in
 from .policy import Reduce, StagePolicy
 from .scratch import ScratchPool
 from .states import ACCUMULATES, GradEvent, GradState, ParamState, next_grad_state
@@ -89,7 +90,7 @@ def _alloc(t: torch.Tensor) -> None:
 
 class ShardedUnit:
     def __init__(self, module, named_params, *, index: int, policy: StagePolicy, group,
-                 dtypes: UnitDtypes, scratch: ScratchPool | None = None, name: str = ""):
+                 dtypes: UnitDtypes, scratch: ScratchPool | None = None, name: str = "", device=None):
         self.module, self.index, self.policy, self.group = module, index, policy, group
         self.name = name or f"unit{index}"
         self.scratch = scratch or ScratchPool(keep=0)
@@ -102,7 +103,9 @@ class ShardedUnit:
         self.region = policy.owned_region(self.layout.padded, self.world, self.rank)
         self.master_storage = (MasterStorage.COPY if dtypes.param != dtypes.master else
                                MasterStorage.PARAM_SHARD if policy.shard_params else MasterStorage.PARAM_FULL)
-        device = self.params[0].device
+        device = torch.device(device) if device is not None else self.params[0].device
+        if device.type == "meta":
+            raise ValueError(f"{self.name}: parameters on the meta device need a device to materialise on")
         padded, shard = self.layout.padded, self.layout.shard_numel
         self.full = torch.empty(padded, dtype=dtypes.param, device=device)
         self.shard = torch.empty(shard, dtype=dtypes.param, device=device) if policy.shard_params else None
@@ -124,21 +127,42 @@ class ShardedUnit:
     def adopt_params(self, *, sync_from_rank0: bool) -> None:
         """Take the module's current parameter values into flat storage (dp rank 0's values on
         every rank if asked); each parameter becomes a view of ``full``."""
-        src_dtype = torch.promote_types(self.dtypes.master, self.params[0].dtype)
-        init = flatten_into(torch.empty(self.layout.padded, dtype=src_dtype, device=self.full.device),
-                            [p.detach() for p in self.params], self.layout)
+        init = flatten_into(self.new_values(), [p.detach() for p in self.params], self.layout)
+        self.load_values(init, sync_from_rank0=sync_from_rank0)
+        self.bind_params()
+
+    def new_values(self) -> torch.Tensor:
+        """A flat buffer to assemble this unit's initial values in (master precision or finer)."""
+        dtype = torch.promote_types(self.dtypes.master, self.params[0].dtype)
+        return torch.empty(self.layout.padded, dtype=dtype, device=self.full.device)
+
+    def load_values(self, init: torch.Tensor, *, sync_from_rank0: bool) -> None:
+        """Fill the parameters (what this stage keeps of them) and the master from ``init``, a
+        flat buffer of every value; dp rank 0's ``init`` wins if ``sync_from_rank0``."""
         if sync_from_rank0:
             comm.broadcast(init, self.group)
         if self.policy.shard_params:
             _alloc(self.full)
         self.full.copy_(init)
-        for p, view in zip(self.params, self.layout.views(self.full)):
-            p.data = view                 # views stay valid while stage 3 frees and refills storage
         if self.shard is not None:
             self.shard.copy_(self.full[self.lo:self.hi])
         if self.master_storage is MasterStorage.COPY:
             self.master.copy_(init[self.region[0]:self.region[1]])
         if self.policy.shard_params:
+            _free(self.full)
+
+    def bind_params(self) -> None:
+        """Make each parameter a view of ``full`` (views stay valid while stage 3 frees and
+        refills its storage); a parameter still on the meta device gets its storage this way."""
+        freed = self.param_state is ParamState.SHARDED
+        if freed:
+            _alloc(self.full)                 # views of a 0-byte storage cannot be made
+        for p, view in zip(self.params, self.layout.views(self.full)):
+            if p.is_meta:
+                swap_in(p, view)
+            else:
+                p.data = view
+        if freed:
             _free(self.full)
 
     def owned_slices(self) -> list[ParamSlice]:
