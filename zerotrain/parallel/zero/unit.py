@@ -28,6 +28,7 @@ States (``states.py`` has the transition tables; only this class changes them):
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -158,10 +159,10 @@ class ShardedUnit:
         if freed:
             _alloc(self.full)                 # views of a 0-byte storage cannot be made
         for p, view in zip(self.params, self.layout.views(self.full)):
-            if p.is_meta:
-                swap_in(p, view)
-            else:
-                p.data = view
+            if p.is_meta:     # off meta first; then .data, so the parameter keeps its own version
+                swap_in(p, view.new_empty(0))      # counter (gathers into ``full`` must not bump it)
+            p.data = view
+            p._zt_unit = weakref.ref(self)    # zero.GatheredParameters finds the unit from a parameter
         if freed:
             _free(self.full)
 
@@ -207,6 +208,16 @@ class ShardedUnit:
             self._gather_handle = comm.all_gather(self.full, self.full[self.lo:self.hi], self.group,
                                                   async_op=True)
             self.param_state = ParamState.GATHERING
+
+    def load_full_from(self, src: int) -> None:
+        """``full`` was changed on dp rank ``src`` (``zero.GatheredParameters(modifier_rank=...)``):
+        take those values everywhere, into the shard and the master too. Needs UNSHARDED."""
+        self.wait_params()
+        comm.broadcast(self.full, self.group, src_group_rank=src)
+        if self.shard is not None:
+            self.shard.copy_(self.full[self.lo:self.hi])
+        if self.master_storage is MasterStorage.COPY:
+            self.master.copy_(self.full[self.region[0]:self.region[1]])
 
     def wait_params(self) -> None:
         """Finish a post-step gather (stages 1–2); a no-op otherwise."""
