@@ -1,13 +1,7 @@
-"""The planner's activation bytes against what torch holds for a small zerotrain GPT on CPU.
+"""The planner's activation bytes against what torch holds for a small zerotrain GPT on CPU
+(``activation_probe.measure``: saved-tensor bytes, and the CPU allocator's bytes at the end of the
+forward and at the peak of forward + backward).
 
-Two measurements of one forward + backward:
-- saved-tensor bytes: every tensor autograd saves (``saved_tensors_hooks``), each storage once,
-  parameters left out — what the planner calls held at the end of the forward;
-- the CPU allocator's live bytes (the profiler's ``total_allocated``, counting only what was
-  allocated while profiling): at the end of the forward, and the peak over forward + backward.
-  Parameter gradients are dropped as soon as they are accumulated (as ZeRO does with the reduced
-  ones), so the peak is the activations' own.
-The token ids and targets exist before profiling; they count in the plan, so they are added.
 Left out of the plan and so of the bf16 peak checks: CPU bf16 matmuls allocate packing scratch
 (oneDNN) during backward, measured 1.3-3.5 n·h·2 bytes (h = 64-512), which moves the peak by
 3-12 % in these tiny models when a block's backward, not the loss's, is the peak.
@@ -16,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.checkpoint import checkpoint
 
+from activation_probe import measure as probe
 from zerotrain.model import GPT, GPTConfig
 from zerotrain.planner import ModelSpec, plan
 from zerotrain.planner.activations import (CPU_RNG_STATE_BYTES, default_attention,
@@ -38,53 +32,14 @@ class _Checkpointed(torch.nn.Module):
         return checkpoint(self.block, x, use_reentrant=False)
 
 
-def _allocations(prof) -> tuple[list[tuple[int, int]], int]:
-    """(time, live bytes) of every CPU allocation event, and the end time of the forward. The
-    allocator's running total carries over from earlier profiles, so it is taken relative to the
-    total before the first event."""
-    events, forward_end = [], []
-
-    def walk(nodes):
-        for e in nodes:
-            if type(e.extra_fields).__name__ == "_ExtraFields_Allocation":
-                events.append((e.start_time_ns, e.extra_fields.total_allocated,
-                               e.extra_fields.alloc_size))
-            if e.name == "forward":
-                forward_end.append(e.end_time_ns)
-            walk(e.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    events.sort()
-    base = events[0][1] - events[0][2]
-    return [(t, total - base) for t, total, _ in events], forward_end[0]
-
-
 def measure(config: GPTConfig, dtype: torch.dtype, batch: int, *, ckpt: bool) -> dict[str, int]:
     torch.manual_seed(0)
     model = GPT(config).to(dtype)
     if ckpt:
         model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     idx = torch.randint(0, config.vocab_size, (batch, config.block_size))
     targets = torch.randint(0, config.vocab_size, (batch, config.block_size))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function("forward"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(idx, targets)
-        loss.backward()
-    events, forward_end = _allocations(prof)
-    before = idx.nbytes + targets.nbytes - loss.nbytes      # inputs in, the loss scalar out
-    held = [live for t, live in events if t <= forward_end][-1]
-    return {"saved": sum(saved.values()), "held": held + before,
-            "peak": max(live for _, live in events) + before}
+    return probe(model, idx, targets)
 
 
 def predict(config: GPTConfig, dtype: torch.dtype, batch: int, *, ckpt: bool, **kw):
