@@ -205,10 +205,15 @@ def _per_element(pdt, rdt, mdt, k) -> dict[str, int]:
             "master_bytes": m if pdt != mdt else 0, "optimizer_states_bytes": k * m}
 
 
+def _owned(policy: StagePolicy, padded: list[int], dp: int) -> int:
+    """Elements whose master and optimizer state a rank keeps (every rank's region is as long)."""
+    return sum(hi - lo for lo, hi in (policy.owned_region(n, dp, 0) for n in padded))
+
+
 def _model_states(policy: StagePolicy, padded: list[int], dp: int, per_elem) -> dict[str, int]:
     full = sum(padded)
     shard = full // dp
-    owned = sum(hi - lo for lo, hi in (policy.owned_region(n, dp, 0) for n in padded))
+    owned = _owned(policy, padded, dp)
     elems = {"params_bytes": shard if policy.shard_params else full,
              "grads_bytes": shard if policy.shard_grads else full,
              "master_bytes": owned, "optimizer_states_bytes": owned}
@@ -261,8 +266,9 @@ def _activations(spec, *, tp, micro_batch, seq_len, pdt, device, attention,
 
 def _offload(policy: StagePolicy, states: dict[str, int], padded: list[int], *, dp: int,
              mdt: str, device: str, offload: str | None) -> tuple[int, list[Extra], list[str]]:
-    """Moves what offload puts on the host into ``host_grads_bytes`` (``states`` is updated);
-    returns (host bytes, extras, notes)."""
+    """Splits model states between device and host: sets ``states["host_grads_bytes"]`` (the d2h
+    gradient buffer) and zeroes the device gradients that go straight to it; returns (host
+    bytes, extras, notes)."""
     states["host_grads_bytes"] = 0
     if offload is None:
         return 0, [], []
@@ -273,8 +279,7 @@ def _offload(policy: StagePolicy, states: dict[str, int], padded: list[int], *, 
     if device == "cpu":
         return host, extras, [
             "offload on a CPU run moves nothing: the same bytes, reported as host memory"]
-    owned = sum(hi - lo for lo, hi in (policy.owned_region(n, dp, 0) for n in padded))
-    states["host_grads_bytes"] = owned * DTYPE_BYTES[mdt]
+    states["host_grads_bytes"] = _owned(policy, padded, dp) * DTYPE_BYTES[mdt]
     extras.append(Extra("host: gradient buffer", states["host_grads_bytes"],
                         f"{mdt} gradients of the owned region, copied device→host as reduced"))
     if policy.shard_grads:
