@@ -24,6 +24,8 @@ GELU input, mlp.c_proj input   2·4·n·h/t              compute
 dropout masks (dropout > 0)    2·n·h                  compute on CPU, bool on CUDA
 =============================  =====================  =========================================
 
+Residual adds, views, transposes and dropout at p = 0 keep nothing.
+
 The output of the fused kernels is laid out (b, s, heads, head_dim), so ``y.transpose(1, 2)
 .contiguous()`` is free and c_proj saves that same tensor. Outside the blocks: the token ids and
 positions (int64), the embedding dropout mask, ln_f's input and statistics, lm_head's input, and
