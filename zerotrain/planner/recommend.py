@@ -11,6 +11,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 
+from zerotrain.parallel.zero.policy import STAGES
 from zerotrain.planner.memory import Plan, plan
 from zerotrain.planner.spec import ModelSpec
 
@@ -37,7 +38,7 @@ def cost_key(p: Plan) -> tuple:
 
 
 def candidates(spec: ModelSpec, *, dp_options: Iterable[int], tp_options: Iterable[int] = (1,),
-               stages: Iterable[int] = (0, 1, 2, 3), micro_batches: Iterable[int] = (1,),
+               stages: Iterable[int] = tuple(STAGES), micro_batches: Iterable[int] = (1,),
                **plan_kwargs) -> list[Plan]:
     """Every plan of the grid, unsorted."""
     grid = itertools.product(stages, dp_options, tp_options, micro_batches)
@@ -46,7 +47,7 @@ def candidates(spec: ModelSpec, *, dp_options: Iterable[int], tp_options: Iterab
 
 
 def recommend(spec: ModelSpec, *, memory_bytes: float, dp_options: Iterable[int],
-              tp_options: Iterable[int] = (1,), stages: Iterable[int] = (0, 1, 2, 3),
+              tp_options: Iterable[int] = (1,), stages: Iterable[int] = tuple(STAGES),
               micro_batches: Iterable[int] = (1,), measure: str = "total",
               **plan_kwargs) -> list[Plan]:
     """The plans of the grid that fit in ``memory_bytes`` per rank, cheapest first (see the

@@ -42,7 +42,8 @@ class UnitSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """A model as the planner sees it. Shape fields are optional; without n_layer, n_embd and
-    n_head the planner cannot estimate activations or tensor-parallel traffic (and says so)."""
+    n_head the planner cannot estimate activations or tensor-parallel traffic (and says so).
+    ``dropout`` decides which attention kernel runs on CPU and whether masks are kept."""
 
     name: str
     units: tuple[UnitSpec, ...]
@@ -51,6 +52,12 @@ class ModelSpec:
     n_head: int | None = None
     vocab_size: int | None = None
     block_size: int | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}: must be a probability in [0, 1), "
+                             "e.g. 0.0 (the GPT presets' default) or 0.1")
 
     def numel(self, tp: int = 1) -> int:
         """Ψ: parameters per tp rank (the whole model when tp = 1)."""
@@ -87,6 +94,7 @@ class ModelSpec:
         return cls.from_module(
             model, name=name or "GPT", n_layer=config.n_layer, n_embd=config.n_embd,
             n_head=config.n_head, vocab_size=config.vocab_size, block_size=config.block_size,
+            dropout=config.dropout,
         )
 
     @classmethod
