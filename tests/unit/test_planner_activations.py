@@ -124,3 +124,24 @@ def test_math_attention_holds_the_score_matrices():
     b, a, s, L = 2, config.n_head, config.block_size, config.n_layer
     # math: fp32 copies of q, kᵀ, v and the s×s probabilities instead of q, k, v + logsumexp
     assert math_.held_bytes - flash.held_bytes == L * (b * a * s * s * 4 - b * a * s * 4)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_shard_model_activation_checkpointing_reduces_activations_as_planned(stage):
+    """zerotrain's own per-unit checkpointing (shard_model(activation_checkpointing=True)) keeps
+    what the plan's checkpointing row says: each block's input, not its activations. (At stage 3
+    the saved weights are views of a buffer freed after the forward, which this probe cannot tell
+    from activations; the stage does not change what is saved.)"""
+    import zerotrain
+    config = GPTConfig(**SMALL)
+    saved = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = zerotrain.shard_model(GPT(config), stage=stage, activation_checkpointing=ckpt)
+        idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+        saved[ckpt] = probe(model, idx, torch.roll(idx, -1, 1))["saved"]
+    plain, ckpt = (predict(config, torch.float32, 2, ckpt=c) for c in (False, True))
+    assert saved[False] == plain.held_bytes
+    assert saved[True] == ckpt.held_bytes - config.n_layer * CPU_RNG_STATE_BYTES
+    reduction, predicted = saved[False] - saved[True], plain.held_bytes - ckpt.held_bytes
+    assert reduction == pytest.approx(predicted, rel=0.2) and reduction > 0.5 * saved[False]

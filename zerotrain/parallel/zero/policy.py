@@ -1,7 +1,7 @@
 """The one table where the ZeRO stages differ.
 
 Everything else — the flat buffers, units, hooks, optimizer, engine, checkpoints and the planner —
-reads these fields; no other module branches on the stage number (``tests/unit/test_policy.py``
+reads these fields; no other module branches on the stage number (``tests/unit/test_stage_branches.py``
 greps for it).
 
 =====  ===============  ===========  ============  ==================  ============  ============
