@@ -15,6 +15,7 @@ import torch
 
 from .. import clip
 from ..precision import LossScaler
+from .offload import OffloadPolicy, wait_for_host_copies
 from .pieces import OwnedSlice, Piece, build_pieces, owned
 
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
@@ -46,10 +47,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     ``model`` must have gone through ``shard_model``. ``max_grad_norm`` turns on clipping inside
     ``step()``; ``step()`` returns a :class:`StepInfo` with the pre- and post-clip norms.
+    ``offload="cpu"`` keeps the master weights and optimizer state in (pinned) host memory and
+    steps on the CPU (ZeRO-Offload, see ``offload.py``).
     """
 
     def __init__(self, model, optimizer_class=torch.optim.AdamW, params_or_groups=None, *,
-                 max_grad_norm: float | None = None, norm_type: float = 2.0, **kwargs):
+                 max_grad_norm: float | None = None, norm_type: float = 2.0, offload=None,
+                 pin_memory: bool = True, **kwargs):
         zs = getattr(model, "zero_state", None)
         if zs is None:
             raise ValueError("ShardedOptimizer: the model is not sharded; call "
@@ -65,9 +69,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 f"{optimizer_class.__name__}.zerotrain_elementwise = True if it is element-wise.")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={max_grad_norm} must be > 0 (or None for no clipping)")
+        self.offload = OffloadPolicy.coerce(offload, pin_memory=pin_memory)
         self.model, self.zs = model, zs
         self.max_grad_norm, self.norm_type = max_grad_norm, float(norm_type)
         groups = self._user_groups(params_or_groups)
+        if self.offload is not None:
+            for u in zs.units:
+                u.offload(self.offload)
         kwargs = self._prefer_fused(optimizer_class, kwargs)
         probe = optimizer_class([torch.zeros(1)], **kwargs)       # validates kwargs, gives defaults
         super().__init__(groups, probe.defaults)
@@ -142,7 +150,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _step(self) -> StepInfo:
         zs = self.zs
-        grads = [u.grad_region() for u in zs.units]
+        wait_for_host_copies(zs.units)
+        grads = [u.step_grads() for u in zs.units]
         # The reduced gradients are still a SUM over dp (stages 1-3) and loss-scaled (fp16). The
         # norm is taken on them as they are and rescaled (a norm is homogeneous), so the 1/N, the
         # unscale and the clip coefficient cost one pass over the gradients together. The norm is

@@ -34,7 +34,7 @@ class Piece:
 
     def grad_view(self) -> torch.Tensor:
         lo = self.unit.region[0]
-        g = self.unit.grad_region()[self.flat[0] - lo:self.flat[1] - lo]
+        g = self.unit.step_grads()[self.flat[0] - lo:self.flat[1] - lo]
         return g.view(self.tensor.shape)
 
 

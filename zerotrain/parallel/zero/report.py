@@ -32,7 +32,10 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
     """Bytes by category: params, grads, master, optimizer_states, buffers, comm_buffers, and total.
 
     A master that is a view of the parameters (pure fp32) counts as params, not twice.
-    ``comm_buffers``: reduction buffers the stage 1–3 pool holds (none between steps)."""
+    ``comm_buffers``: reduction buffers the stage 1–3 pool holds (none between steps).
+    ``host`` / ``device``: the split of ``total`` between host memory and the compute device. With
+    ZeRO-Offload the master, optimizer state and host gradient buffers are host memory (on a
+    CPU-only run too: that is what offload changes there); without it everything is device memory."""
     c = _StorageTally()
     zs = getattr(model, "zero_state", None)
     units = zs.units if zs else []
@@ -48,6 +51,8 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
         c.add("grads", p.grad)
     for u in units:
         c.add("master", u.master)
+        if u.host is not None and u.host.moves:
+            c.add("grads_host", u.host.grads)
     inner = getattr(optimizer, "inner", optimizer)
     if inner is not None:
         for state in inner.state.values():
@@ -61,9 +66,13 @@ def memory_report(model, optimizer=None) -> dict[str, int]:
     if units:
         for b in units[0].scratch.buffers:
             c.add("comm_buffers", b)
-    keys = ("params", "grads", "master", "optimizer_states", "buffers", "comm_buffers")
+    keys = ("params", "grads", "master", "optimizer_states", "buffers", "comm_buffers", "grads_host")
     report = {k: c.bytes.get(k, 0) for k in keys}
     report["model_states"] = sum(report[k] for k in ("params", "grads", "master", "optimizer_states"))
     report["total"] = (report["model_states"] + report["buffers"] + report["comm_buffers"]
-                       + c.bytes.get("optimizer_scalars", 0))
+                       + report["grads_host"] + c.bytes.get("optimizer_scalars", 0))
+    offloaded = any(u.host is not None for u in units)
+    report["host"] = (report["master"] + report["optimizer_states"] + report["grads_host"]
+                      + c.bytes.get("optimizer_scalars", 0)) if offloaded else 0
+    report["device"] = report["total"] - report["host"]
     return report

@@ -36,6 +36,12 @@ import torch
 from ...distributed import comm
 from .flat import FlatLayout, flatten_into
 from .materialize import swap_in
+from . import offload as _offload
+from .offload import HostState, OffloadPolicy, host_buffer
+
+
+def offload_moves(device) -> bool:
+    return _offload.moves_to_host(device)
 from .policy import Reduce, StagePolicy
 from .scratch import ScratchPool
 from .states import ACCUMULATES, GradEvent, GradState, ParamState, next_grad_state
@@ -45,6 +51,7 @@ class MasterStorage(enum.Enum):
     PARAM_SHARD = "the stage-3 parameter shard"
     PARAM_FULL = "a view of the full parameters"
     COPY = "a separate copy in the master dtype"
+    HOST = "a copy in host memory (ZeRO-Offload)"
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class ShardedUnit:
         self.grad_state = GradState.EMPTY
         self._gather_handle: comm.Handle | None = None
         self._ready: set[int] = set()       # parameters whose gradient arrived in this backward
+        self.host: HostState | None = None  # ZeRO-Offload: set by ``offload``
 
     # ---------------------------------------------------------------- construction
     def adopt_params(self, *, sync_from_rank0: bool) -> None:
@@ -147,7 +155,7 @@ class ShardedUnit:
         self.full.copy_(init)
         if self.shard is not None:
             self.shard.copy_(self.full[self.lo:self.hi])
-        if self.master_storage is MasterStorage.COPY:
+        if self.separate_master:
             self.master.copy_(init[self.region[0]:self.region[1]])
         if self.policy.shard_params:
             _free(self.full)
@@ -165,6 +173,28 @@ class ShardedUnit:
             p._zt_unit = weakref.ref(self)    # zero.GatheredParameters finds the unit from a parameter
         if freed:
             _free(self.full)
+
+    @property
+    def separate_master(self) -> bool:
+        """The master is its own tensor (not the parameters' storage): updates must be copied over."""
+        return self.master_storage in (MasterStorage.COPY, MasterStorage.HOST)
+
+    def offload(self, policy: OffloadPolicy) -> None:
+        """Move the master (and so the optimizer state built on it) to host memory, with a host
+        buffer for the reduced gradient. Before the optimizer is built. On the CPU: nothing moves."""
+        if self.host is not None:
+            return
+        if not offload_moves(self.full.device):
+            self.host = HostState(self.master, None)
+            return
+        master = host_buffer(self.master, self.dtypes.master, policy.pin_memory)
+        master.copy_(self.master)
+        self.master, self.master_storage = master, MasterStorage.HOST
+        self.host = HostState(master, host_buffer(self.master, self.dtypes.reduce, policy.pin_memory))
+
+    def step_grads(self) -> torch.Tensor:
+        """The reduced gradient the optimizer reads: the host copy when offloaded, else on device."""
+        return self.host.grads if self.host is not None and self.host.moves else self.grad_region()
 
     def owned_slices(self) -> list[ParamSlice]:
         """One entry per parameter overlapping this rank's owned region, in flat order."""
@@ -198,9 +228,9 @@ class ShardedUnit:
         """Make the parameters reflect the updated master (stages 1–2 all-gather them, async)."""
         if self.policy.gather_after_step:
             self.wait_params()                # a gather still in flight would overwrite the slice
-        if self.master_storage is MasterStorage.COPY:
+        if self.separate_master:
             target = self.shard if self.policy.shard_params else self.full[self.region[0]:self.region[1]]
-            target.copy_(self.master)
+            target.copy_(self.master, non_blocking=True)
         if self.policy.gather_after_step:
             # In place (the input is this rank's slice of the output: no extra buffer) and
             # asynchronous: the next forward waits for each unit just before using it, so the
@@ -216,7 +246,7 @@ class ShardedUnit:
         comm.broadcast(self.full, self.group, src_group_rank=src)
         if self.shard is not None:
             self.shard.copy_(self.full[self.lo:self.hi])
-        if self.master_storage is MasterStorage.COPY:
+        if self.separate_master:
             self.master.copy_(self.full[self.region[0]:self.region[1]])
 
     def wait_params(self) -> None:
@@ -227,6 +257,11 @@ class ShardedUnit:
     # ---------------------------------------------------------------- gradients
     def _move(self, event: GradEvent) -> None:
         self.grad_state = next_grad_state(self.grad_state, event, unit=self.name)
+
+    def _reduced(self) -> None:
+        self._move(GradEvent.REDUCED)
+        if self.host is not None and self.host.moves:      # device→host now, overlapping backward
+            self.host.grads.copy_(self.grad_region(), non_blocking=True)
 
     @property
     def grads_in_place(self) -> bool:
@@ -304,17 +339,17 @@ class ShardedUnit:
 
             def release():
                 self.scratch.give(full)
-                self._move(GradEvent.REDUCED)
+                self._reduced()
             return self._reduce_scatter(self.grad_shard, full, release)
         self._pack(self.grad_full, accumulate=accumulate)
         if self.policy.reduce is Reduce.ALL_REDUCE_AVG:
             work = comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
-            return comm.Handle(work, lambda: self._move(GradEvent.REDUCED))
+            return comm.Handle(work, self._reduced)
 
         def drop_other_slices():          # they were this rank's local terms, now sent
             self.grad_full[:self.lo].zero_()
             self.grad_full[self.hi:].zero_()
-            self._move(GradEvent.REDUCED)
+            self._reduced()
         return self._reduce_scatter(self.grad_full[self.lo:self.hi], self.grad_full, drop_other_slices)
 
     def grad_region(self) -> torch.Tensor:
