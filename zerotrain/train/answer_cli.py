@@ -95,7 +95,8 @@ def cli_summarize(argv: list[str]) -> int:
         tokenizer, model = _load(args)
         texts = [prompts.summary_prompt(d) for d in docs]
         for path, doc, text in zip(args.inputs, docs, texts):
-            _check_fit(tokenizer, model.config.block_size, text, f"document {path}", words=len(doc.split()))
+            label = "the document on standard input" if path == "-" else f"document {path}"
+            _check_fit(tokenizer, model.config.block_size, text, label, words=len(doc.split()))
     except UsageError as e:
         print(f"zerotrain summarize: error: {e}", file=sys.stderr)
         return 2
