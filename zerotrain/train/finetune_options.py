@@ -39,7 +39,7 @@ class TaskOptions(_Section):
 
 
 class FinetuneTrainOptions(_Section):
-    steps: PosInt = 400
+    steps: PosInt = 300
     batch_size: PosInt = 32            # global: examples per optimizer step
     seed: NonNegInt = 1337
     log_interval: PosInt = 10
@@ -47,11 +47,11 @@ class FinetuneTrainOptions(_Section):
     eval_examples: PosInt = 64         # held-out examples per task for that loss
     ckpt_interval: NonNegInt = 100
     keep_last: PosInt | None = 2
-    report_examples: NonNegInt = 400   # held-out examples per task in the final generated report
+    report_examples: NonNegInt = 200   # held-out examples per task in the final generated report
 
 
 def _ft_optim() -> OptimOptions:
-    return OptimOptions(lr=1e-3, min_lr=1e-4, warmup=20, weight_decay=0.0)
+    return OptimOptions(lr=2e-3, min_lr=2e-4, warmup=20, weight_decay=0.0)
 
 
 class FinetuneOptions(_Section):

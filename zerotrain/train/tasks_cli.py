@@ -15,20 +15,22 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from .finetune_options import FinetuneOptions, read_finetune
 from .inference import find_run, load_run
 from .options import Options, UsageError, build_options, check_launch
 
 FT_FLAGS = {  # flag -> (dotted option, type, help)
-    "--steps": ("train.steps", int, "optimizer steps (default 400)"),
+    "--steps": ("train.steps", int, "optimizer steps (default 300)"),
     "--batch-size": ("train.batch_size", int, "global batch size in examples (default 32)"),
-    "--lr": ("optim.lr", float, "peak learning rate (default 1e-3)"),
+    "--lr": ("optim.lr", float, "peak learning rate (default 2e-3)"),
     "--seed": ("train.seed", int, "seed of the task mixing"),
     "--stage": ("parallel.stage", int, "ZeRO stage 0-3 (default 3)"),
     "--nproc": ("parallel.nproc", int, "local processes (default 2)"),
     "--tp": ("parallel.tp", int, "tensor-parallel degree (default 1)"),
     "--precision": ("parallel.precision", str, "fp32 (default), bf16 or fp16"),
-    "--report-examples": ("train.report_examples", int, "held-out examples per task in the final report (default 400)"),
+    "--report-examples": ("train.report_examples", int, "held-out examples per task in the final report (default 200)"),
 }
 
 
@@ -180,6 +182,7 @@ def report(run_dir: Path, tasks: list[str], *, examples: int | None, base: Path 
     from .spawn import configure_logging
     from .task_eval import evaluate_task, format_task
     configure_logging(0, quiet=True)
+    torch.set_num_threads(1)           # batches of a few rows: threads cost more than they bring
     opts, tokenizer, model, step = _load(str(run_dir), str(run_dir.parent))
     base_model = _load(str(base), str(base.parent))[2] if base is not None else None
     results = {}
@@ -203,7 +206,7 @@ def cli_eval(argv: list[str]) -> int:
     p.add_argument("run", nargs="?", default=Options().run_name)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--task", required=True, help="qa or summarize")
-    p.add_argument("--examples", type=int, default=400, help="held-out examples (default 400; 0 for all)")
+    p.add_argument("--examples", type=int, default=200, help="held-out examples (default 200; 0 for all)")
     args = p.parse_args(argv)
     try:
         from zerotrain.data.tasks import check_tasks
