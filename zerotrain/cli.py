@@ -6,8 +6,13 @@ import sys
 
 COMMANDS = {
     "train": ("zerotrain.train.cli", "cli_train", "train a GPT on the bundled corpus (the main job)"),
-    "eval": ("zerotrain.train.cli", "cli_eval", "held-out perplexity and cloze accuracy of a run"),
+    "eval": ("zerotrain.train.tasks_cli", "cli_eval", "held-out perplexity and cloze accuracy of a run; "
+             "--task qa|summarize"),
     "generate": ("zerotrain.train.cli", "cli_generate", "sample text from a run's checkpoint"),
+    "finetune": ("zerotrain.train.tasks_cli", "cli_finetune", "fine-tune a run on question answering and "
+                 "summarization"),
+    "ask": ("zerotrain.train.answer_cli", "cli_ask", "answer questions with a (fine-tuned) run"),
+    "summarize": ("zerotrain.train.answer_cli", "cli_summarize", "summarize documents with a fine-tuned run"),
     "config": ("zerotrain.config", "cli_config", "explain or validate a DeepSpeed-style JSON config"),
     "estimate": ("zerotrain.planner", "cli_estimate", "memory and communication per rank, what fits"),
     "checkpoint": ("zerotrain.checkpoint.cli", "cli_checkpoint", "inspect or consolidate a checkpoint"),

@@ -51,6 +51,7 @@ class DataOptions(_Section):
     vocab_size: Annotated[int, Strict(), Field(ge=260)] = 8192
     tokenizer_chars: PosInt | None = None   # train the tokenizer on this many characters only
     heldout_books: list[str] = Field(default_factory=lambda: list(DEFAULT_HELDOUT_BOOKS))
+    facts: bool = True                 # the WordNet fact prose joins the bundled corpus' training side
 
     @field_validator("corpus")
     @classmethod

@@ -8,6 +8,10 @@ half-written file behind.
 A corpus given with ``--corpus`` is read in the bundled corpus' format (a name line, then text;
 sections separated by one blank line). When none of the held-out books are in it (or it is plain
 text), the last sections holding about 5% of the text are held out instead.
+
+With ``data.facts`` (the default) the bundled corpus' training side also holds the prose of the
+WordNet facts that ``zerotrain finetune --tasks qa`` asks about (``zerotrain.data.tasks.qa``);
+a corpus given with ``--corpus`` is used as it is.
 """
 from __future__ import annotations
 
@@ -51,6 +55,14 @@ def _load(opts: Options) -> Corpus:
 
 def split_corpus(opts: Options) -> tuple[list[Book], list[Book]]:
     """(train books, held-out books) following ``data.heldout_books`` (see the module docstring)."""
+    train, held = _split_books(opts)
+    if opts.data.facts and opts.data.corpus is None:
+        from zerotrain.data.tasks.qa import prose_books
+        train = train + prose_books()
+    return train, held
+
+
+def _split_books(opts: Options) -> tuple[list[Book], list[Book]]:
     corpus = _load(opts)
     wanted = [b for b in opts.data.heldout_books if b in corpus.names]
     if wanted:
@@ -79,7 +91,7 @@ def _fingerprint(opts: Options) -> dict:
             "corpus_size": stat.st_size if stat else None,
             "corpus_mtime": int(stat.st_mtime) if stat else None,
             "vocab_size": opts.data.vocab_size, "tokenizer_chars": opts.data.tokenizer_chars,
-            "heldout_books": list(opts.data.heldout_books)}
+            "heldout_books": list(opts.data.heldout_books), "facts": opts.data.facts and path is None}
 
 
 def _replace_atomically(build, path: Path) -> None:

@@ -95,7 +95,7 @@ class _RankStop(StopFlag):
         self._requested = value
 
 
-def _rank_entry(rank: int, opts_dict: dict, store: str, world: int, queue, verbose: bool) -> None:
+def _rank_entry(rank: int, opts_dict: dict, store: str, world: int, queue, verbose: bool, entry=None) -> None:
     os.setpgrp()                       # the launcher alone receives the terminal's Ctrl-C
     stop = _RankStop().install()
     torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def _rank_entry(rank: int, opts_dict: dict, store: str, world: int, queue, verbo
     mesh = init_distributed(tp=opts.parallel.tp, backend="gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world)
     try:
-        state = train(mesh, opts, stop=stop)
+        state = (entry or train)(mesh, opts, stop=stop)
         if rank == 0:
             queue.put(_summary(state))
     finally:
@@ -141,14 +141,16 @@ def rank_env(opts: Options) -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", **malloc}
 
 
-def spawn_ranks(opts: Options, *, verbose: bool = False) -> dict | None:
-    """Run ``opts.parallel.nproc`` local ranks to completion; rank 0's summary (None if it died)."""
+def spawn_ranks(opts: Options, *, verbose: bool = False, entry=None) -> dict | None:
+    """Run ``opts.parallel.nproc`` local ranks to completion; rank 0's summary (None if it died).
+
+    ``entry(mesh, opts, stop=...)`` is what each rank runs (default: ``trainer.train``)."""
     for key, value in rank_env(opts).items():  # inherited by the spawned ranks at start
         os.environ.setdefault(key, value)
     store = opts.run_dir.resolve() / f".store-{uuid.uuid4().hex[:8]}"
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    args = (opts.model_dump(), str(store), opts.parallel.nproc, queue, verbose)
+    args = (opts.model_dump(), str(store), opts.parallel.nproc, queue, verbose, entry)
     procs = mp.start_processes(_rank_entry, args=args, nprocs=opts.parallel.nproc, join=False,
                                start_method="spawn")
     forward = _Forwarder(procs.pids())
@@ -171,7 +173,7 @@ def spawn_ranks(opts: Options, *, verbose: bool = False) -> dict | None:
     return None if queue.empty() else queue.get()
 
 
-def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False) -> dict | None:
+def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False, entry=None) -> dict | None:
     """This process is one torchrun rank: rank 0 runs ``setup()`` (run dir, data), then all train.
 
     A UsageError on rank 0 is shared with every rank, which all raise it (no rank is left
@@ -189,7 +191,7 @@ def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False) -> dict | 
         error = comm.all_gather_object(error, mesh.world_group)[0]
         if error is not None:
             raise UsageError(error)
-        state = train(mesh, opts, stop=stop)
+        state = (entry or train)(mesh, opts, stop=stop)
         return _summary(state) if mesh.rank == 0 else None
     finally:
         destroy_distributed()

@@ -1,0 +1,175 @@
+"""Fine-tuning tasks: the bundled QA facts and their prose, summarization pairs and their split,
+prompt encoding with answer-only labels, the task mix, metrics, baselines and answer generation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zerotrain.data import train_tokenizer
+from zerotrain.data.tasks import check_tasks, prompts, qa, summaries
+from zerotrain.data.tasks.wordnet import clean_gloss, parse_data_line
+from zerotrain.model import GPT, get_config
+from zerotrain.train.answer import _finish, generate_answers
+from zerotrain.train.finetune_data import TaskMix
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = " ".join(f["prose"] + " " + f["question"] for f in qa.load_facts()[:3000])
+    return train_tokenizer([text], 400)
+
+
+def test_facts_are_full_sentences_and_split_by_subject():
+    facts = qa.load_facts()
+    assert len(facts) > 9000 and {f["kind"] for f in facts} >= {"capital", "definition", "antonym", "part"}
+    assert all(qa.is_full_sentence(f["answer"], f["subject"]) for f in facts)
+    splits = {}
+    for f in facts:
+        splits.setdefault(f["subject"].lower(), set()).add(f["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert 0.05 < sum(f["split"] == "test" for f in facts) / len(facts) < 0.15
+    kabul = [f for f in facts if f["question"] == "What is the capital of Afghanistan?"]
+    assert kabul and kabul[0]["answer"] == "The capital of Afghanistan is Kabul."
+
+
+def test_pretraining_text_holds_every_fact_as_prose_never_as_a_question():
+    from zerotrain.train.options import build_options
+    from zerotrain.train.prepare import split_corpus
+    train, held = split_corpus(build_options())
+    text = "\n".join(b.text for b in train if b.name.startswith("WordNet facts"))
+    lines = set(text.splitlines())
+    assert all(f["prose"] in lines for f in qa.load_facts())
+    assert "?" not in text and not any(b.name.startswith("WordNet") for b in held)
+    plain, _ = split_corpus(build_options(settings={"data.facts": False}))
+    assert not any(b.name.startswith("WordNet") for b in plain)
+
+
+def test_examples_closed_book_and_with_passage():
+    items = qa.examples("test")
+    facts = [f for f in qa.load_facts() if f["split"] == "test"]
+    assert len(items) == 2 * len(facts)
+    with_passage = [e for e in items if e.passage]
+    fact = {f["question"]: f for f in facts}
+    assert all(fact[e.question]["prose"] in e.passage for e in with_passage)
+    assert all(e.passage.count(". ") >= 1 for e in with_passage)          # distractors beside it
+    assert items == qa.examples("test")                                   # seeded
+
+
+def test_metrics():
+    assert qa.normalize("The Capital, of Peru!") == ["capital", "of", "peru"]
+    assert qa.exact_match("the capital of Peru is Lima", "The capital of Peru is Lima.") == 1.0
+    assert qa.token_f1("capital of Peru is Cusco", "The capital of Peru is Lima.") == pytest.approx(0.8)
+    assert qa.token_f1("", "Lima") == 0.0
+    assert qa.is_full_sentence("The capital of Peru is Lima.", "Peru")
+    assert not qa.is_full_sentence("Lima.", "Peru") and not qa.is_full_sentence("The capital of Chile is Lima.", "Peru")
+    ex = [qa.QAExample("What is the capital of Peru?", "The capital of Peru is Lima.", "Peru", "capital")]
+    assert qa.copy_question(ex) == ["What is the capital of Peru?"]
+    gloss = qa.NearestGloss(["a city in Chile", "the capital and largest city of Peru", "a large body of water"])
+    assert gloss(ex) == ["the capital and largest city of Peru"]
+
+
+def test_wordnet_lines_and_glosses():
+    line = ("08704237 15 n 02 Kabul 0 capital_of_Afghanistan 0 002 @i 08691669 n 0000 #p 08703454 n 0000 "
+            "| the capital and largest city of Afghanistan; located in eastern Afghanistan  ")
+    s = parse_data_line(line, "n")
+    assert (s.key, s.lemmas, s.pointers) == ("n08704237", ("Kabul", "capital of Afghanistan"),
+                                             (("@i", "n08691669"), ("#p", "n08703454")))
+    assert clean_gloss(s.gloss) == "the capital and largest city of Afghanistan"
+    assert clean_gloss('a dog (not a cat); "a good dog"') == "a dog"
+    assert clean_gloss("x") is None
+
+
+def test_debian_pairs_split_by_family(tmp_path):
+    packages, translations = [], []
+    for i, (pkg, src) in enumerate([("gcc-12", "gcc-12"), ("gcc-13", "gcc-13"), ("libfoo1", "foo"),
+                                    ("libfoo-dev", "foo"), ("bar", None)] * 1):
+        packages.append(f"Package: {pkg}\n" + (f"Source: {src} (1.0)\n" if src else "") + "Version: 1\n")
+        translations.append(f"Package: {pkg}\nDescription-md5: {i}\nDescription-en: summary of {pkg}\n"
+                            f" {pkg} is a package with a long description of what it does.\n .\n"
+                            " A second paragraph says more.\n")
+    (tmp_path / "x_binary-amd64_Packages").write_text("\n".join(packages))
+    (tmp_path / "x_i18n_Translation-en").write_text("\n".join(translations))
+    pairs = summaries.debian_pairs(str(tmp_path))
+    assert [p["family"] for p in pairs] == ["debian:gcc", "debian:gcc", "debian:foo", "debian:foo", "debian:bar"]
+    assert pairs[0]["summary"] == "summary of gcc-12"
+    assert pairs[0]["document"] == ("gcc-12 is a package with a long description of what it does.\n"
+                                    "A second paragraph says more.")
+    built = summaries.build_pairs(["debian"], lists_dir=str(tmp_path))
+    by_family = {}
+    for p in built:
+        by_family.setdefault(p["family"], set()).add(p["split"])
+    assert all(len(s) == 1 for s in by_family.values())
+    assert built == summaries.build_pairs(["debian"], lists_dir=str(tmp_path))
+
+
+def test_docstring_pairs(tmp_path):
+    (tmp_path / "mod.py").write_text('def f():\n    """Add two numbers together.\n\n    The numbers are read '
+                                     'from the arguments and their sum\n    is returned to the caller."""\n')
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text('"""Skipped module docstring here.\n\nbecause tests are left out of it."""')
+    pairs = summaries.docstring_pairs(str(tmp_path))
+    assert pairs == [{"source": "docstrings", "family": "docstrings:mod", "name": "mod.f",
+                      "summary": "Add two numbers together.",
+                      "document": "The numbers are read from the arguments and their sum is returned to the caller."}]
+    doc = "Alpha beta gamma. Delta epsilon."
+    assert summaries.first_sentence(doc) == "Alpha beta gamma." and summaries.lead_words(doc, 2) == "Alpha beta"
+    assert summaries.rouge(["alpha beta"], ["alpha beta"])["rougeL"] == pytest.approx(1.0)
+
+
+def test_encoding_masks_the_prompt(tokenizer):
+    pairs = [(prompts.qa_prompt("What is a dog?"), prompts.target_text("A dog is an animal.")),
+             (prompts.qa_prompt("What is a cat?", "A cat is a pet. " * 40), prompts.target_text("A cat is a pet."))]
+    enc, dropped = prompts.encode_pairs(tokenizer, pairs, block_size=48)
+    assert (len(enc), dropped) == (1, 1)
+    ids, plen = enc.example(0)
+    assert tokenizer.decode(ids[:plen]) == "Question: What is a dog?\nAnswer:"
+    assert tokenizer.decode(ids[plen:]) == " A dog is an animal.<|endoftext|>"
+    x, y = prompts.pad_batch([(ids, plen)], length=len(ids) + 2, pad_id=0)
+    assert (y[0, :plen - 1] == -100).all() and (y[0, len(ids) - 1:] == -100).all()
+    assert y[0, plen - 1:len(ids) - 1].tolist() == ids[plen:].tolist()
+    assert x[0, :len(ids) - 1].tolist() == ids[:-1].tolist()
+
+
+def test_task_mix_is_a_function_of_the_step_and_ranks_split_it(tokenizer):
+    enc = [prompts.encode_pairs(tokenizer, [(prompts.qa_prompt(f"What is {w}?"), f" {w} is {w}.") for w in words],
+                                block_size=64)[0] for words in (["a", "bb", "ccc"], ["dddd", "eeeee"])]
+    mix = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0)
+    x, y, n = mix.batch(5, batch_size=4, dp_rank=0, dp_size=1)
+    parts = [mix.batch(5, batch_size=4, dp_rank=r, dp_size=2) for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert parts[0][2] == parts[1][2] == n == int((y != -100).sum())
+    again = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0).batch(5, batch_size=4, dp_rank=0, dp_size=1)
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+
+
+def test_finish_stops_at_the_sentence_end():
+    assert _finish(" The capital is Kabul. And more", sentence=True) == (" The capital is Kabul.", True)
+    assert _finish("\n A line\nnext", sentence=False) == ("\n A line", True)
+    assert _finish(" x<|endoftext|> y", sentence=False) == (" x", True)
+    assert _finish(" 3.5 is not", sentence=True) == (" 3.5 is not", False)
+
+
+def test_batched_answers_equal_one_by_one_and_uncached_greedy(tokenizer):
+    from zerotrain.model import generate
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=64))
+    texts = ["Question: What is a dog?\nAnswer:", "Question: What is a cat?\nAnswer:",
+             "Question: Who was Kern?\nAnswer:"]
+    batched = generate_answers(model, tokenizer, texts, sentence=True, max_new_tokens=12)
+    single = [generate_answers(model, tokenizer, [t], sentence=True, max_new_tokens=12)[0] for t in texts]
+    assert batched == single
+    ids = tokenizer.encode(texts[0])
+    out = generate(model, torch.tensor([ids]), 12, greedy=True, use_cache=False)
+    plain = tokenizer.decode(out[0, len(ids):].tolist())
+    assert plain.strip().startswith(batched[0]) or _finish(plain, sentence=True)[0].strip() == batched[0]
+
+
+def test_task_names():
+    assert check_tasks("qa,summarize") == ["qa", "summarize"]
+    with pytest.raises(ValueError, match="unknown task 'summarise' in --tasks; did you mean 'summarize'"):
+        check_tasks("qa,summarise")
+    with pytest.raises(ValueError, match="names no task"):
+        check_tasks("")
+    with pytest.raises(ValueError, match="named twice"):
+        check_tasks(["qa", "qa"])

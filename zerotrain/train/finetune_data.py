@@ -1,0 +1,83 @@
+"""Task data of a fine-tuning run: encoded once by the launcher, mixed per step by every rank.
+
+``prepare_task_data`` writes ``<run>/data/<task>.{train,test}.npz`` (see
+``zerotrain.data.tasks.prompts.Encoded``) and ``data/tasks.json`` (counts, examples left out for
+not fitting the context). ``TaskMix.batch(step)`` draws step ``step``'s global batch as a function of
+(seed, step) alone: each slot picks a task by the weights, then an example of that task uniformly,
+so a resumed run replays the batches of an uninterrupted one. A rank takes its contiguous slice;
+rows are padded to the longest row of the *global* batch, so every rank runs the same shapes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zerotrain.data.tasks import task_pairs
+from zerotrain.data.tasks.prompts import Encoded, encode_pairs, pad_batch
+
+from .options import UsageError
+
+log = logging.getLogger("zerotrain")
+
+
+def data_path(run_dir: Path, task: str, split: str) -> Path:
+    return Path(run_dir) / "data" / f"{task}.{split}.npz"
+
+
+def prepare_task_data(run_dir: Path, tasks: list[str], tokenizer, *, block_size: int) -> dict:
+    """Encode each task's train and test pairs (kept when already built); returns the counts."""
+    meta_path = Path(run_dir) / "data" / "tasks.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    for task in tasks:
+        if task in meta and all(data_path(run_dir, task, s).is_file() for s in ("train", "test")):
+            continue
+        meta[task] = {}
+        for split in ("train", "test"):
+            pairs = task_pairs(task, split, Path(run_dir) / "data")
+            encoded, dropped = encode_pairs(tokenizer, pairs, block_size=block_size)
+            if not len(encoded):
+                raise UsageError(f"task {task}: none of its {len(pairs)} {split} examples fits the model's "
+                                 f"{block_size}-token context; fine-tune a model with a larger block_size")
+            path = data_path(run_dir, task, split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            encoded.save(path)
+            meta[task][split] = {"examples": len(encoded), "too_long": dropped}
+        log.info("task %s: %d training examples, %d held out (%d and %d longer than the %d-token context "
+                 "left out)", task, meta[task]["train"]["examples"], meta[task]["test"]["examples"],
+                 meta[task]["train"]["too_long"], meta[task]["test"]["too_long"], block_size)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+@dataclass
+class TaskMix:
+    data: list[Encoded]
+    weights: list[float]
+    seed: int
+    pad_id: int
+
+    def rows(self, step: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step, 7])))
+        tasks = rng.choice(len(self.data), size=batch_size, p=self.weights)
+        return [self.data[t].example(int(rng.integers(0, len(self.data[t])))) for t in tasks]
+
+    def batch(self, step: int, *, batch_size: int, dp_rank: int, dp_size: int):
+        """(x, y, answer tokens in the global batch) for this rank."""
+        rows = self.rows(step, batch_size)
+        length = max(len(ids) for ids, _ in rows) - 1
+        answer_tokens = sum(len(ids) - p for ids, p in rows)
+        per = batch_size // dp_size
+        x, y = pad_batch(rows[dp_rank * per:(dp_rank + 1) * per], length=length, pad_id=self.pad_id)
+        return x, y, answer_tokens
+
+
+def eval_batches(data: Encoded, *, examples: int, batch_size: int = 16, pad_id: int):
+    """The first ``examples`` held-out examples as padded (x, y) batches."""
+    n = min(examples, len(data))
+    for start in range(0, n, batch_size):
+        rows = [data.example(i) for i in range(start, min(n, start + batch_size))]
+        yield pad_batch(rows, length=max(len(ids) for ids, _ in rows) - 1, pad_id=pad_id)
