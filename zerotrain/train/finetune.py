@@ -28,7 +28,7 @@ from .finetune_options import read_finetune
 from .metrics import MetricsLog, Progress
 from .options import Options
 from .plots import plot_losses
-from .trainer import (StopFlag, TrainState, _checkpoint_api, build_model, build_optimizer, build_scheduler,
+from .trainer import (StopFlag, TrainState, _checkpoint_api, build_model, build_optimizer, lr_schedule_for,
                       ckpt_root, count_parameters, resume, save)
 
 log = logging.getLogger("zerotrain")
@@ -120,7 +120,7 @@ def finetune(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: 
     opt = build_optimizer(model, opts)
     state = TrainState()
     _start(model, opt, opts, spec, state)
-    sched = build_scheduler(opt, opts, step=state.step)
+    sched = lr_schedule_for(opt, opts, step=state.step)
     names = spec.tasks.names
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in names], spec.tasks.weight_list(),
                   spec.train.seed, tokenizer.eot_id)
