@@ -95,11 +95,13 @@ class Engine(nn.Module):
 
     @property
     def local_rank(self) -> int:
+        """DeepSpeed's ``engine.local_rank``: this process's index on its node (torchrun's LOCAL_RANK)."""
         import os
         return int(os.environ.get("LOCAL_RANK", 0))
 
     @property
     def device(self) -> torch.device:
+        """Where the module's parameters and the engine's states live (``cuda:LOCAL_RANK`` on a GPU)."""
         return self.module.zero_state.units[0].full.device
 
     def zero_grad(self):
@@ -200,8 +202,9 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
         _apply_tp(model, mesh)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
+    # the module goes to the mesh's device, cuda:LOCAL_RANK when CUDA is present, as DeepSpeed puts it
     model = shard_model(model, stage=cfg.zero_optimization.stage, mesh=mesh, mixed_precision=_mixed_precision(cfg),
-                        activation_checkpointing=cfg.recompute_units)
+                        activation_checkpointing=cfg.recompute_units, device=mesh.device)
     cls, groups, kwargs = _optimizer_spec(cfg, model, optimizer, model_parameters)
     opt = ShardedOptimizer(model, cls, groups, max_grad_norm=cfg.gradient_clipping or None, **kwargs)
     if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):

@@ -17,6 +17,14 @@ log = logging.getLogger("zerotrain")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def local_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` when CUDA is present (DeepSpeed's placement), else
+    the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -44,7 +52,7 @@ def init_distributed(backend: str | None = None, *, tp: int = 1, init_method: st
                 raise ValueError(f"tp={tp} needs several processes: launch with torchrun "
                                  f"--nproc-per-node {tp} (or more) or `zerotrain train --nproc`")
             log.info("no torchrun environment: running as a single process")
-            return Mesh.single()
+            return Mesh.single(local_device())
         backend = backend or default_backend()
         kwargs = dict(backend=backend, timeout=timedelta(seconds=timeout_s))
         if init_method is not None:

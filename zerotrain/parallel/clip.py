@@ -58,3 +58,8 @@ def global_grad_norm(units, *, norm_type: float = 2.0, group, tp: int = 1) -> to
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> float:
     """``clip_grad_norm_``'s factor: max_norm / (norm + 1e-6), capped at 1."""
     return min(1.0, float(max_norm) / (float(total_norm) + 1e-6))
+
+
+def clip_coefficient_tensor(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The same factor as a tensor on the norm's device (no host sync)."""
+    return (float(max_norm) / (total_norm + 1e-6)).clamp(max=1.0)

@@ -17,6 +17,7 @@ from ...distributed import comm
 from ...distributed.mesh import Mesh
 from ..checkpointing import apply_activation_checkpointing
 from ..precision import MixedPrecision
+from .full_state import load_full_state_dict
 from .hooks import StepSchedule
 from .materialize import check_buffers, filler, materialize_values, swap_in
 from .policy import policy_for
@@ -112,6 +113,12 @@ class ShardedModule:
         finally:
             for u in units:
                 u.reshard()
+
+    def load_full_state_dict(self, source, *, strict: bool = True) -> None:
+        """Load full (dense, HF-style) values — a state dict or a safetensors file — one unit at a
+        time, each rank keeping what its stage keeps (see ``full_state.py``). Load before building
+        the optimizer, or its state will not match the new weights."""
+        load_full_state_dict(self, source, strict=strict)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """A full, unsharded copy of the module's state (parameters in master precision)."""

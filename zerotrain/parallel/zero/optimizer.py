@@ -9,7 +9,6 @@ consecutive parameters of one group inside this rank's range.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -23,15 +22,39 @@ ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
                torch.optim.Adagrad)
 
 
-@dataclass
 class StepInfo:
     """What ``step()`` did. ``skipped``: a gradient was inf/nan on some rank (every dtype; in fp16
     also the loss-scale overflow), so no rank updated anything; ``grad_norm`` is then that
-    non-finite norm and ``clipped_grad_norm`` None."""
-    grad_norm: float | None
-    clipped_grad_norm: float | None
-    skipped: bool
-    loss_scale: float | None
+    non-finite norm and ``clipped_grad_norm`` None.
+
+    The values may still be on the device when ``step()`` returns (a step that decides on the
+    device never waits for it); reading one waits for it then, once."""
+
+    def __init__(self, grad_norm, clipped_grad_norm, skipped, loss_scale: float | None):
+        self._raw = {"grad_norm": grad_norm, "clipped_grad_norm": clipped_grad_norm, "skipped": skipped}
+        self.loss_scale = loss_scale
+
+    def _value(self, key: str):
+        v = self._raw[key]
+        if torch.is_tensor(v):
+            v = self._raw[key] = v.item()
+        return v
+
+    @property
+    def skipped(self) -> bool:
+        return bool(self._value("skipped"))
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self._value("grad_norm")
+
+    @property
+    def clipped_grad_norm(self) -> float | None:
+        return None if self.skipped else self._value("clipped_grad_norm")
+
+    def __repr__(self) -> str:
+        return (f"StepInfo(grad_norm={self.grad_norm}, clipped_grad_norm={self.clipped_grad_norm}, "
+                f"skipped={self.skipped}, loss_scale={self.loss_scale})")
 
 
 # optimizers whose ``fused=True`` implementation ShardedOptimizer selects when none is chosen
@@ -158,8 +181,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         # also the non-finite check: an inf or nan anywhere makes it non-finite, and it has been
         # reduced over every rank that holds distinct gradients, so every rank decides alike.
         factor = self._grad_factor()
-        norm = factor * float(clip.global_grad_norm(zs.units, norm_type=self.norm_type,
-                                                    group=self._norm_group(), tp=zs.mesh.tp))
+        norm = clip.global_grad_norm(zs.units, norm_type=self.norm_type, group=self._norm_group(),
+                                     tp=zs.mesh.tp) * factor
+        if self._decides_on_device:
+            return self._step_on_device(grads, norm, factor)
+        norm = float(norm)
         if not math.isfinite(norm):
             return self._skip(norm)
         for u in zs.units:
@@ -174,6 +200,34 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.scaler is not None:
             self.scaler.update(False)
         return StepInfo(norm, norm * coef, False, self.loss_scale)
+
+    @property
+    def _decides_on_device(self) -> bool:
+        """A fused optimizer skips an update itself when told ``found_inf`` (a tensor), so the step
+        needs no host sync: the norm, the clip coefficient and the skip stay on the device. fp16's
+        dynamic loss scale is decided on the host, so fp16 takes the host path."""
+        return self.scaler is None and getattr(self.inner, "_step_supports_amp_scaling", False)
+
+    def _step_on_device(self, grads, norm: torch.Tensor, factor: float) -> StepInfo:
+        for u in self.zs.units:
+            u.mark_stepped()
+        nonfinite = ~torch.isfinite(norm)
+        scale = clip.clip_coefficient_tensor(norm, self.max_grad_norm) if self.max_grad_norm else None
+        if scale is not None or factor != 1.0:
+            scale = factor if scale is None else scale * factor
+            for g in grads:
+                g.mul_(scale.to(g.device, non_blocking=True) if torch.is_tensor(scale) else scale)
+        self.inner.grad_scale = None
+        self.inner.found_inf = nonfinite.to(self.inner_device, torch.float32, non_blocking=True)
+        self._run_inner()
+        for u in self.zs.units:
+            u.params_from_master()       # a skipped step copies back the unchanged master
+        clipped = norm * (scale / factor) if torch.is_tensor(scale) else norm
+        return StepInfo(norm, clipped, nonfinite, self.loss_scale)
+
+    @property
+    def inner_device(self) -> torch.device:
+        return self._pieces[0].tensor.device if self._pieces else torch.device("cpu")
 
     # ------------------------------------------------------------------ step phases
     def _grad_factor(self) -> float:
