@@ -206,7 +206,9 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_
     model = shard_model(model, stage=cfg.zero_optimization.stage, mesh=mesh, mixed_precision=_mixed_precision(cfg),
                         activation_checkpointing=cfg.recompute_units, device=mesh.device)
     cls, groups, kwargs = _optimizer_spec(cfg, model, optimizer, model_parameters)
-    opt = ShardedOptimizer(model, cls, groups, max_grad_norm=cfg.gradient_clipping or None, **kwargs)
+    off = cfg.zero_optimization.offload_optimizer
+    opt = ShardedOptimizer(model, cls, groups, max_grad_norm=cfg.gradient_clipping or None,
+                           offload=None if off.device == "none" else off.device, pin_memory=off.pin_memory, **kwargs)
     if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
         lr_scheduler = lr_scheduler(opt)
     elif lr_scheduler is not None:

@@ -77,8 +77,10 @@ MALFORMED = [
     ({**BASE, "scheduler": {"type": "WarmupLR", "params": {"warmup_type": "exp"}}},
      ["scheduler.params.warmup_type: expected one of 'log' or 'linear', got \"exp\" (str)"]),
     ({**BASE, "fp16": {"enabled": "true"}}, ['fp16.enabled: expected true or false, got "true" (str)']),
-    ({**BASE, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-     ["zero_optimization.offload_optimizer.device: offload to 'cpu' is not supported by zerotrain yet"]),
+    ({**BASE, "zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
+     ["zero_optimization.offload_optimizer.device: offload to 'nvme' is not supported by zerotrain"]),
+    ({**BASE, "zero_optimization": {"offload_param": {"device": "cpu"}}},
+     ["zero_optimization.offload_param.device: parameter offload to 'cpu' is not supported by zerotrain"]),
     ({**BASE, "zero_optimization": {"reduce_bucket_size": 2.5}},
      ["zero_optimization.reduce_bucket_size: expected an integer, got 2.5 (float)"]),
     ({**BASE, "tensor_parallel": {"tp_size": 0}}, ["tensor_parallel.tp_size: must be >= 1, got 0 (int)"]),
@@ -279,3 +281,14 @@ def test_activation_checkpointing_block_turns_on_recompute_per_unit(caplog):
                                                               n_embd=8)), config=cfg)
     assert len(engine.module.zero_state.recomputed) == 2
     assert "activation_checkpointing.number_checkpoints" in caplog.text      # accepted, inert
+
+
+def test_offload_optimizer_block_reaches_the_sharded_optimizer():
+    import zerotrain
+    from zerotrain.model import GPT, GPTConfig
+    cfg = {**BASE, "optimizer": {"type": "AdamW"},
+           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    engine, opt, *_ = zerotrain.initialize(model=GPT(GPTConfig(vocab_size=17, block_size=8, n_layer=2,
+                                                               n_head=2, n_embd=8)), config=cfg)
+    assert opt.offload is not None and opt.offload.pin_memory
+    assert all(u.host is not None for u in engine.module.zero_state.units)

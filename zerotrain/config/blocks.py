@@ -56,8 +56,23 @@ class BF16Config(_Block):
 
 
 class OffloadConfig(_Block):
+    """``offload_optimizer``: ZeRO-Offload — fp32 master and optimizer states on the CPU."""
+    device: Annotated[Literal["none", "cpu", "nvme"], _rule(lambda d: d != "nvme", (
+        "offload to 'nvme' is not supported by zerotrain; use \"cpu\" or \"none\""))] = "none"
+    pin_memory: Bool = True
+    buffer_count: Optional[PosInt] = None
+    fast_init: Bool = False
+    INERT = frozenset({"buffer_count", "fast_init"})
+
+    def inert_fields(self) -> set[str]:
+        return set(type(self).model_fields) if self.device == "none" else set(self.INERT)
+
+
+class ParamOffloadConfig(_Block):
+    """``offload_param`` (parameters on the CPU between uses) is not implemented: only "none"."""
     device: Annotated[Literal["none", "cpu", "nvme"], _rule(lambda d: d == "none", (
-        "offload to {v!r} is not supported by zerotrain yet; set device to \"none\" or remove the block"))] = "none"
+        "parameter offload to {v!r} is not supported by zerotrain; set device to \"none\" (optimizer "
+        "states can be offloaded with offload_optimizer)"))] = "none"
     pin_memory: Bool = True
 
     def inert_fields(self) -> set[str]:
@@ -78,7 +93,7 @@ class ZeroConfig(_Block):
     stage3_max_reuse_distance: Count = 1_000_000_000
     stage3_gather_16bit_weights_on_model_save: Bool = False
     offload_optimizer: OffloadConfig = Field(default_factory=OffloadConfig)
-    offload_param: OffloadConfig = Field(default_factory=OffloadConfig)
+    offload_param: ParamOffloadConfig = Field(default_factory=ParamOffloadConfig)
     sub_group_size: Count = 1_000_000_000
     round_robin_gradients: Bool = False
     INERT = frozenset({"reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
