@@ -70,13 +70,15 @@ def count_parameters(cfg) -> int:
 def build_model(opts: Options, vocab_size: int, mesh):
     cfg = get_config(opts.model.preset, vocab_size=vocab_size, **opts.model_overrides())
     torch.manual_seed(opts.train.seed)
-    model = GPT(cfg)
+    with torch.device("meta"):         # shapes only: shard_model materialises what this rank keeps,
+        model = GPT(cfg)               # unit by unit, with bitwise the weights of a dense build
     if mesh.tp > 1:                    # Megatron layers inside each tp group, then ZeRO over dp
         from zerotrain.parallel.tensor import apply_tensor_parallel
         apply_tensor_parallel(model, mesh.tp_group)
     precision = None if opts.parallel.precision == "fp32" else opts.parallel.precision
     return zerotrain.shard_model(model, stage=opts.parallel.stage, mesh=mesh, mixed_precision=precision,
-                                 activation_checkpointing=opts.parallel.activation_checkpointing)
+                                 activation_checkpointing=opts.parallel.activation_checkpointing,
+                                 device=mesh.device)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
