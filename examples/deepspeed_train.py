@@ -48,7 +48,7 @@ def main(argv=None):
     losses = []
     batches = iter(loader)
     while engine.global_steps < args.steps:
-        batch = next(batches)
+        batch = {k: v.to(engine.device) for k, v in next(batches).items()}   # as DeepSpeed scripts do
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

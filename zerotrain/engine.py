@@ -12,6 +12,7 @@ import logging
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from . import checkpoint as _ckpt
 from .config import ConfigError, ZeroTrainConfig, load_config
@@ -40,7 +41,16 @@ class Engine(nn.Module):
 
     # ------------------------------------------------------------------ DeepSpeed API
     def forward(self, *args, **kwargs):
+        """Run the module; tensor inputs still on the CPU are moved to ``engine.device`` first
+        (non-blocking: the engine's data loader pins its batches when the device is a GPU)."""
+        if self.device.type != "cpu":
+            args, kwargs = tree_map(self._to_device, (args, kwargs))
         return self.module(*args, **kwargs)
+
+    def _to_device(self, x):
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu":
+            return x.to(self.device, non_blocking=True)
+        return x
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return (self.micro_steps + 1) % self._batch.gradient_accumulation_steps == 0
@@ -174,7 +184,7 @@ def _build_dataloader(training_data, batch, mesh: Mesh, collate_fn, seed):
     from torch.utils.data import DataLoader, DistributedSampler
     sampler = DistributedSampler(training_data, num_replicas=mesh.dp, rank=mesh.dp_rank, seed=seed or 0)
     return DataLoader(training_data, batch_size=batch.train_micro_batch_size_per_gpu, sampler=sampler,
-                      collate_fn=collate_fn, drop_last=True)
+                      collate_fn=collate_fn, drop_last=True, pin_memory=mesh.device.type == "cuda")
 
 
 def initialize(args=None, model: nn.Module | None = None, optimizer=None, model_parameters=None,
