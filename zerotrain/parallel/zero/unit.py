@@ -20,6 +20,7 @@ so pure fp32 training keeps no second copy.
 from __future__ import annotations
 
 import enum
+import os
 
 import torch
 
@@ -90,6 +91,8 @@ class ShardedUnit:
         self.module, self.index, self.policy, self.group = module, index, policy, group
         self.scratch = scratch or ScratchPool(keep=0)
         self.names = [n for n, _ in named_params]
+        # the unit's module name (the parameters' common prefix) labels its collectives
+        self.label = ".".join(os.path.commonprefix([n.split(".")[:-1] for n in self.names])) or "root"
         self.params = [p for _, p in named_params]
         self.param_dtype, self.master_dtype, self.reduce_dtype = param_dtype, master_dtype, reduce_dtype
         self.rank, self.world = comm.group_rank(group), comm.group_size(group)
@@ -110,7 +113,7 @@ class ShardedUnit:
         init = flatten_into(torch.empty(self.layout.padded, dtype=src_dtype, device=device),
                             [p.detach() for p in self.params], self.layout)
         if sync_from_rank0:
-            comm.broadcast(init, self.group)
+            comm.broadcast(init, self.group, label=self.label)
         region = slice(None) if not self.policy.shard_optimizer else slice(self.lo, self.hi)
         self.full = init.to(self.param_dtype, copy=True)
         for p, view in zip(self.params, self.layout.views(self.full)):
@@ -153,7 +156,8 @@ class ShardedUnit:
             return
         if self.state is UnitState.SHARDED:
             _alloc(self.full)
-            self._gather_handle = comm.all_gather(self.full, self.shard, self.group, async_op=True)
+            self._gather_handle = comm.all_gather(self.full, self.shard, self.group, async_op=True,
+                                                  label=self.label)
             self.state = UnitState.GATHERING
         if not async_op:
             self._gather_handle.wait()
@@ -185,7 +189,7 @@ class ShardedUnit:
             # In place (the input is this rank's slice of the output: no extra buffer) and
             # asynchronous: the next forward waits for each unit just before using it, so the
             # gather overlaps the forward of the units before it.
-            self._gather_handle = comm.all_gather(self.full, own, self.group, async_op=True)
+            self._gather_handle = comm.all_gather(self.full, own, self.group, async_op=True, label=self.label)
             self.state = UnitState.GATHERING
 
     def wait_params(self) -> None:
@@ -217,7 +221,7 @@ class ShardedUnit:
         """Reduce-scatter with the algorithm's scratch (if any) from the pool; ``then`` runs after."""
         need = comm.reduce_scatter_scratch_numel(output, full, self.group)
         scratch = self.scratch.take(need, full.dtype, full.device) if need else None
-        handle = comm.reduce_scatter(output, full, self.group, async_op=True, scratch=scratch)
+        handle = comm.reduce_scatter(output, full, self.group, async_op=True, scratch=scratch, label=self.label)
 
         def done():
             if scratch is not None:
@@ -239,7 +243,7 @@ class ShardedUnit:
         self._pack(self.grad_full, accumulate=self.accum_valid)
         self.accum_valid = True
         if self.policy.reduce is Reduce.ALL_REDUCE_AVG:
-            return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
+            return comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True, label=self.label)
 
         def drop_other_slices():          # they were this rank's local terms, now sent
             self.grad_full[:self.lo].zero_()
