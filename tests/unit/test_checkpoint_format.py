@@ -21,6 +21,7 @@ from models import make_batch, make_model
 from zerotrain import checkpoint
 from zerotrain.checkpoint import format as fmt
 from zerotrain.checkpoint.cli import cli_checkpoint
+from zerotrain.cli import main
 from zerotrain.checkpoint.tensorfile import ShardReader, write_safetensors
 from zerotrain.model import GPT, GPTConfig
 
@@ -79,9 +80,11 @@ def test_save_layout_latest_and_retention(tmp_path):
     assert path == tmp_path / "step00000008"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000006", "step00000008"]
     assert checkpoint.latest_tag(tmp_path) == "step00000008"
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rank00000.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "manifest.sha256", "rank00000.safetensors"]
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == "zerotrain-checkpoint" and manifest["format_version"] == 1
+    assert manifest["format"] == "zerotrain-checkpoint" and manifest["format_version"] == 2
+    assert manifest["finite"] is True
+    assert (path / "manifest.sha256").read_text() == f"{fmt.sha256_file(path / 'manifest.json')}  manifest.json\n"
     assert manifest["layout"] == {"stage": 1, "dp": 1, "tp": 1, "world": 1, "param_dtype": "float32",
                                   "master_dtype": "float32"}
     assert manifest["aliases"] == {"lm_head.weight": "wte.weight"}
@@ -135,7 +138,8 @@ def test_altered_or_truncated_file_is_named(tmp_path):
         checkpoint.load(tmp_path, model=model, optimizer=opt)
     with pytest.raises(ValueError, match=r"rank00000\.safetensors fails its sha256 check"):
         checkpoint.consolidate(tmp_path, tmp_path / "out.safetensors")
-    assert cli_checkpoint(["inspect", str(tmp_path), "--verify"]) == 1
+    assert main(["checkpoint", "inspect", str(tmp_path), "--verify"]) == 3
+    assert main(["checkpoint", "inspect", str(tmp_path)]) == 0         # sizes match: only the hash sees it
     shard.write_bytes(good[:-100])
     with pytest.raises(ValueError, match=r"rank00000\.safetensors has \d+ bytes, the manifest says"):
         checkpoint.load(tmp_path, model=model, optimizer=opt)
@@ -215,6 +219,7 @@ def test_pickle_payloads_are_never_executed(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["rank00000.safetensors"] = {"sha256": fmt.sha256_file(shard), "bytes": len(payload)}
     (path / "manifest.json").write_text(json.dumps(manifest))
+    fmt.write_checksum(path)                       # ... and whose checksum covers that manifest
     with pytest.raises(ValueError, match=r"rank00000\.safetensors is not a valid safetensors file"):
         checkpoint.load(tmp_path / "ck", model=model, optimizer=opt)
     with pytest.raises(ValueError, match="not a valid safetensors file"):
@@ -276,5 +281,6 @@ def test_cli_inspect(tmp_path, capsys):
                      "exp_avg_sq (float32), step", "StepLR (last_epoch 2)", "client state  data_position",
                      "file          rank00000.safetensors"):
         assert expected in text, (expected, text)
-    assert cli_checkpoint(["inspect", str(tmp_path / "nothing")]) == 1
-    assert "no checkpoint in" in capsys.readouterr().err
+    assert main(["checkpoint", "inspect", str(tmp_path / "nothing")]) == 6
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and len(err.strip().splitlines()) == 1
