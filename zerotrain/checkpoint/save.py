@@ -51,7 +51,8 @@ def _exchange(value, group, what: str):
     statuses = comm.all_gather_object(value, group)
     for rank, st in enumerate(statuses):
         if isinstance(st, dict) and st.get("error"):
-            raise CheckpointError(f"checkpoint.save: {what} failed on rank {rank}: {st['error']}")
+            kept = "" if what == "committing" else " (nothing was committed: the previous checkpoint is the latest)"
+            raise CheckpointError(f"checkpoint.save: {what} failed on rank {rank}: {st['error']}{kept}")
     return statuses
 
 
