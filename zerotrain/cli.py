@@ -72,9 +72,13 @@ def exit_code(exc: BaseException) -> int:
 
 
 def one_line(message: str) -> str:
+    """A message on one line: "header:\n  - a\n  - b" becomes "header: a; b"."""
     lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
-    return " ".join(line if i == 0 or not line.startswith("- ") else f"{line[2:]};"
-                    for i, line in enumerate(lines)).rstrip(";")
+    head = " ".join(line for line in lines if not line.startswith("- "))
+    items = "; ".join(line[2:] for line in lines if line.startswith("- "))
+    if not items:
+        return head
+    return f"{head.rstrip(':')}: {items}" if head else items
 
 
 def report(command: str, exc: BaseException, *, verbose: bool) -> int:
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         import difflib
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"zerotrain: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+        print(f"zerotrain: error: unknown command '{name}'{hint} (`zerotrain --help` lists the commands)",
+              file=sys.stderr)
         return 2
     verbose = "--verbose" in rest
     if verbose and name not in TAKES_VERBOSE:

@@ -284,3 +284,48 @@ def test_cli_inspect(tmp_path, capsys):
     assert main(["checkpoint", "inspect", str(tmp_path / "nothing")]) == 6
     err = capsys.readouterr().err
     assert "no checkpoint in" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- manifest integrity
+def _edit(path: Path, change, *, checksum: bool) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    if checksum:
+        fmt.write_checksum(path)                   # an edit that also forges the checksum
+
+
+def test_a_tampered_manifest_is_refused_by_load_and_consolidate(tmp_path, capsys):
+    model, opt, sched = _trained()
+    path = checkpoint.save(tmp_path, model=model, optimizer=opt, step=2)
+    pristine = (path / "manifest.json").read_bytes()
+    _edit(path, lambda m: m["params"]["wte.weight"]["shape"].reverse(), checksum=False)    # transposed
+    for action in (lambda: checkpoint.load(tmp_path, model=model, optimizer=opt),
+                   lambda: checkpoint.consolidate(tmp_path, tmp_path / "out.safetensors")):
+        with pytest.raises(fmt.CheckpointError, match="does not match its checksum in manifest.sha256"):
+            action()
+    assert not (tmp_path / "out.safetensors").exists()
+    assert main(["checkpoint", "consolidate", str(tmp_path), "-o", str(tmp_path / "o.safetensors")]) == 3
+    assert "does not match its checksum" in capsys.readouterr().err
+    # past a forged checksum, the shapes are still held against the slices and the bytes
+    (path / "manifest.json").write_bytes(pristine)
+    _edit(path, lambda m: m["params"]["wte.weight"].update(shape=[10, 10]), checksum=True)
+    with pytest.raises(fmt.CheckpointError, match=r"'wte.weight' has shape \[10, 10\] \(100 elements\).*cover \[0, 184\)"):
+        checkpoint.consolidate(tmp_path, tmp_path / "out.safetensors")
+    (path / "manifest.json").write_bytes(pristine)
+    _edit(path, lambda m: m["params"]["wte.weight"].update(dtype="float16"), checksum=True)
+    with pytest.raises(fmt.CheckpointError, match=r"'master/wte.weight/0-184' holds 184 torch.float32 elements"):
+        checkpoint.load(tmp_path, model=model, optimizer=opt)
+    (path / "manifest.json").write_bytes(pristine)
+    fmt.write_checksum(path)
+    assert checkpoint.load(tmp_path, model=model, optimizer=opt)["step"] == 2
+
+
+def test_a_version_1_checkpoint_without_checksum_still_loads(tmp_path):
+    model, opt, sched = _trained()
+    path = checkpoint.save(tmp_path, model=model, optimizer=opt, step=2)
+    (path / "manifest.sha256").unlink()
+    with pytest.raises(fmt.CheckpointError, match="has no manifest.sha256"):
+        checkpoint.load(tmp_path, model=model, optimizer=opt)
+    _edit(path, lambda m: m.update(format_version=1), checksum=False)
+    assert checkpoint.load(tmp_path, model=model, optimizer=opt)["step"] == 2

@@ -11,8 +11,9 @@ is what hangs — every ``interval`` (1 s). What happens, with the default setti
   <its error>" — in place of "connection closed"; a peer busy elsewhere reads the board within
   ``interval`` and leaves after ``grace`` (3 s) if it has not left by itself. Seconds in all.
 * **A rank dies without a word** (SIGKILL, out of memory): each rank watches the heartbeat of the
-  next one; after ``dead_after`` (15 s) without one it posts "rank k stopped responding", and the
-  rest follows as above: under 30 s in all.
+  next one; after ``dead_after`` (15 s; the environment variable ``ZEROTRAIN_DEAD_AFTER`` changes
+  it) without one it posts "rank k stopped responding", and the rest follows as above: under 30 s
+  in all.
 * **A rank finishes while a peer still waits in a collective** (the ranks ran different numbers
   of steps or collectives): a rank that finishes normally posts an exit note with the number of
   collectives it issued; the waiting rank's watchdog sees it and reports the divergence naming
@@ -49,12 +50,26 @@ log = logging.getLogger("zerotrain")
 EXIT_FAILED = 1
 
 
+DEAD_AFTER_ENV = "ZEROTRAIN_DEAD_AFTER"
+
+
 @dataclass(frozen=True)
 class Settings:
     interval: float = 1.0       # seconds between two looks at the board
     dead_after: float = 15.0    # a neighbour silent this long is reported dead
     grace: float = 3.0          # time a rank gets to leave by itself before it is ended
     exit_wait: float = 30.0     # the longest a finished rank waits for the others
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        raw = os.environ.get(DEAD_AFTER_ENV)
+        try:
+            dead_after = float(raw) if raw else cls.dead_after
+        except ValueError:
+            raise ValueError(f"{DEAD_AFTER_ENV}={raw!r} is not a number of seconds; set it to e.g. 30") from None
+        if dead_after < 2 * cls.interval:
+            raise ValueError(f"{DEAD_AFTER_ENV}={raw!r}: must be at least {2 * cls.interval:g} seconds")
+        return cls(dead_after=dead_after)
 
 
 class Watchdog:
@@ -188,7 +203,7 @@ def start(store, *, rank: int, world: int, parent_pid: int | None, settings: Set
     except Exception:  # noqa: BLE001 - stores without clone() are shared
         pass
     board = Board(store, rank=rank, world=world, generation=_GENERATION)
-    _ACTIVE = Watchdog(board, settings or Settings(), parent_pid=parent_pid).start()
+    _ACTIVE = Watchdog(board, settings or Settings.from_env(), parent_pid=parent_pid).start()
     _install_excepthook()
     return _ACTIVE
 

@@ -117,11 +117,12 @@ def _check_data_fits(opts: Options, data) -> None:
 
     from zerotrain.model import get_config
     block = get_config(opts.model.preset, vocab_size=opts.data.vocab_size, **opts.model_overrides()).block_size
-    for what, path in (("training", data.train_path), ("held-out", data.heldout_path)):
+    for what, path, more in (("training", data.train_path, "a larger corpus"),
+                             ("held-out", data.heldout_path, "more held-out books (data.heldout_books)")):
         n = len(np.load(path, mmap_mode="r"))
         if n < block + 1:
             raise UsageError(f"model.block_size={block} is longer than the {what} text ({n:,} tokens); "
-                             f"use model.block_size <= {n - 1} or a larger corpus / more held-out books")
+                             f"use model.block_size <= {n - 1} or {more}")
 
 
 def _print_options() -> None:

@@ -40,6 +40,14 @@ class RunData:
 
 
 def _load(opts: Options) -> Corpus:
+    corpus = _read(opts)
+    if any("\x00" in b.text or "\x00" in b.name for b in corpus.books):
+        raise UsageError(f"corpus {opts.data.corpus} holds NUL characters: it looks like a binary file, not "
+                         "text; pass a UTF-8 text file")
+    return corpus
+
+
+def _read(opts: Options) -> Corpus:
     try:
         return load_corpus(opts.data.corpus)
     except FileNotFoundError as e:
@@ -49,9 +57,6 @@ def _load(opts: Options) -> Corpus:
                          f"offset {e.start:,}); pass a UTF-8 text file (convert it with iconv)") from None
     except ValueError:
         text = Path(opts.data.corpus).read_text(encoding="utf-8")
-        if "\x00" in text:
-            raise UsageError(f"corpus {opts.data.corpus} holds NUL characters: it looks like a binary "
-                             "file, not text; pass a UTF-8 text file") from None
         chunks = [c for c in text.split("\n\n") if c.strip()]
         books = tuple(Book(f"part {i + 1}", c.strip("\n")) for i, c in enumerate(chunks))
         return Corpus(books, str(opts.data.corpus))
