@@ -84,4 +84,4 @@ def test_the_checker_names_the_first_divergence():
         assert len(messages) == 1, messages                  # the same words on every rank
         message = messages.pop()
         assert message.startswith("collective order diverged at position") and "of the group of ranks [0, 1]" in message
-        assert f"rank 0: collective #" in message and rank0 in message and rank1 in message, message
+        assert "rank 0: collective #" in message and rank0 in message and rank1 in message, message

@@ -18,7 +18,6 @@ import torch
 import zerotrain
 from models import make_batch, make_model
 from zerotrain import checkpoint
-from zerotrain.checkpoint import format as fmt
 from zerotrain.cli import main, report
 from zerotrain.data import load_corpus
 from zerotrain.data.corpus import join_books
