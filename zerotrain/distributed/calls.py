@@ -175,7 +175,7 @@ def _cross_check(call: Call) -> None:
     mine = torch.tensor(_fingerprint(call), dtype=torch.int64, device=device)
     table = torch.empty(n * mine.numel(), dtype=torch.int64, device=device)
     try:
-        dist.all_gather_into_tensor(table, mine, group=group)
+        dist.all_gather_single(table, mine, group=group)
     except RuntimeError as exc:
         from .watchdog import explain
         raise explain(exc, call) from exc
