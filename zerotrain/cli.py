@@ -147,8 +147,22 @@ def main(argv: list[str] | None = None) -> int:
             return int(getattr(importlib.import_module(module), func)(rest) or 0)
     except SystemExit as e:                    # --help, or a command that exits by itself
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BrokenPipeError as exc:             # `zerotrain ... | head`: the reader has had enough
+        if _stdout_closed():
+            return 0
+        return report(name, exc, verbose=verbose)
     except BaseException as exc:  # noqa: BLE001 - every error becomes one line and an exit status
         return report(name, exc, verbose=verbose)
+
+
+def _stdout_closed() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        return True
+    return False
 
 
 if __name__ == "__main__":

@@ -63,24 +63,27 @@ def init_distributed(backend: str | None = None, *, tp: int = 1, init_method: st
                                  f"--nproc-per-node {tp} (or more) or `zerotrain train --nproc`")
             log.info("no torchrun environment: running as a single process")
             return Mesh.single()
-        backend = backend or default_backend()
-        kwargs = dict(backend=backend, timeout=timedelta(seconds=timeout_s))
-        if init_method is not None:
-            if rank is None or world_size is None:
-                raise ValueError("init_method needs rank= and world_size=")
-            kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
-        elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
-            kwargs.update(_elastic_store(timeout_s))
-        if backend == "nccl":
-            local = int(os.environ.get("LOCAL_RANK", rank or 0))
-            torch.cuda.set_device(local % torch.cuda.device_count())
-        dist.init_process_group(**kwargs)
+        _join(backend or default_backend(), init_method, rank=rank, world_size=world_size, timeout_s=timeout_s)
         # Tear the group down before interpreter shutdown: a gloo group destroyed during teardown
         # can abort the process ("terminate called without an active exception").
         atexit.register(_destroy_at_exit)
         calls.start()
         _start_watchdog(env if watch_parent is None else watch_parent)
     return Mesh.build(tp=tp)
+
+
+def _join(backend: str, init_method: str | None, *, rank, world_size, timeout_s: float) -> None:
+    kwargs = dict(backend=backend, timeout=timedelta(seconds=timeout_s))
+    if init_method is not None:
+        if rank is None or world_size is None:
+            raise ValueError("init_method needs rank= and world_size=")
+        kwargs.update(init_method=init_method, rank=rank, world_size=world_size)
+    elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        kwargs.update(_elastic_store(timeout_s))
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank or 0))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    dist.init_process_group(**kwargs)
 
 
 def _timeout(timeout_s: float | None) -> float:
