@@ -6,8 +6,8 @@ job never reads an earlier one's notices:
 
 * ``failure`` — JSON ``{"rank", "reason", "time"}`` of the first failure (compare-and-set);
 * ``beat/<rank>`` — a counter each rank's watchdog increments every interval;
-* ``exit/<rank>`` — JSON ``{"calls", "step"}`` when a rank finishes normally, and ``exited``, the
-  number of ranks that did.
+* ``exit/<rank>`` — JSON ``{"calls", "groups", "step"}`` when a rank finishes normally (its
+  collectives in all and per group), and ``exited``, the number of ranks that did.
 
 Only non-blocking store operations are used (check, add, compare-and-set, set; get after check),
 so a watchdog never waits on the store.
@@ -58,8 +58,8 @@ class Board:
         return self.store.add(f"beat/{rank}", 0)
 
     # ------------------------------------------------------------------ normal exits
-    def note_exit(self, *, calls: int, step: int | None) -> None:
-        self.store.set(f"exit/{self.rank}", json.dumps({"calls": calls, "step": step}))
+    def note_exit(self, *, calls: int, groups: dict[str, int], step: int | None) -> None:
+        self.store.set(f"exit/{self.rank}", json.dumps({"calls": calls, "groups": groups, "step": step}))
         self.store.add("exited", 1)
 
     def exited(self) -> int:

@@ -104,6 +104,16 @@ def issued() -> int:
     return _S.index
 
 
+def issued_by_group() -> dict[str, int]:
+    """How many collectives this process has issued on each group, keyed "0,1,2" by its ranks."""
+    with _S.lock:
+        return {",".join(map(str, _S.ranks[key])): seq for key, seq in _S.seqs.items() if key in _S.ranks}
+
+
+def group_key(group) -> str:
+    return ",".join(map(str, group_ranks(group)))
+
+
 def forget() -> None:
     with _S.lock:
         _S.index, _S.step, _S.inflight = 0, None, None
@@ -121,6 +131,7 @@ def group_ranks(group) -> list[int]:
 
 def begin(op: str, tensor: torch.Tensor | None, group, label: str | None) -> Call:
     """Number a collective about to be issued on ``group`` (and cross-check it in debug mode)."""
+    group_ranks(group)
     with _S.lock:
         _S.index += 1
         seq = _S.seqs.get(id(group), 0) + 1

@@ -180,7 +180,8 @@ def divergence(board: Board, call: calls.Call) -> str | None:
     """Why this rank cannot finish ``call``, if a rank of its group already finished (None if none did)."""
     for peer in calls.group_ranks(call.group):
         note = board.exit_note(peer) if peer != board.rank else None
-        if note is not None:
+        # it diverged only if the peer never issued this collective (else this rank is just late)
+        if note is not None and note["groups"].get(calls.group_key(call.group), 0) < call.seq:
             steps = note.get("step")
             step = f" and {steps - 1} optimizer steps" if steps is not None else ""
             return (f"waits in {call.describe()} but rank {peer} already finished, after "
@@ -257,7 +258,7 @@ def finish() -> None:
     if wd is None or wd.failing:
         return
     try:
-        wd.board.note_exit(calls=calls.issued(), step=calls.current_step())
+        wd.board.note_exit(calls=calls.issued(), groups=calls.issued_by_group(), step=calls.current_step())
         deadline = time.monotonic() + wd.settings.exit_wait
         while wd.board.exited() < wd.board.world:
             first = wd.board.failure()
