@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -100,7 +101,6 @@ def _failure_report(rank: int, exc: BaseException) -> dict:
               "traceback": "".join(traceback.format_exception(exc)),
               "first": (first.rank, first.reason) if first is not None else (rank, f"{type(exc).__name__}: {exc}")}
     try:
-        import pickle
         pickle.loads(pickle.dumps(exc))
         report["exception"] = exc
     except Exception:  # noqa: BLE001 - an unpicklable exception travels as text
