@@ -33,7 +33,9 @@ def _entry(rank, world_size, store_path, tp, fn, args, queue):
                                 rank=rank, world_size=world_size, timeout_s=120)
         result = fn(mesh, *args)
         queue.put((rank, "ok", pickle.dumps(result)))  # bytes: no shared-memory handles
-    except BaseException:  # noqa: BLE001 - the parent re-raises with the rank's traceback
+    except BaseException as exc:  # noqa: BLE001 - the parent re-raises with the rank's traceback
+        from zerotrain.distributed import report_failure
+        report_failure(exc)            # the other ranks leave now instead of waiting for this one
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         try:

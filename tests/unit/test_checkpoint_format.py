@@ -21,6 +21,7 @@ from models import make_batch, make_model
 from zerotrain import checkpoint
 from zerotrain.checkpoint import format as fmt
 from zerotrain.checkpoint.cli import cli_checkpoint
+from zerotrain.cli import main
 from zerotrain.checkpoint.tensorfile import ShardReader, write_safetensors
 from zerotrain.model import GPT, GPTConfig
 
@@ -79,9 +80,11 @@ def test_save_layout_latest_and_retention(tmp_path):
     assert path == tmp_path / "step00000008"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000006", "step00000008"]
     assert checkpoint.latest_tag(tmp_path) == "step00000008"
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "rank00000.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "manifest.sha256", "rank00000.safetensors"]
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == "zerotrain-checkpoint" and manifest["format_version"] == 1
+    assert manifest["format"] == "zerotrain-checkpoint" and manifest["format_version"] == 2
+    assert manifest["finite"] is True
+    assert (path / "manifest.sha256").read_text() == f"{fmt.sha256_file(path / 'manifest.json')}  manifest.json\n"
     assert manifest["layout"] == {"stage": 1, "dp": 1, "tp": 1, "world": 1, "param_dtype": "float32",
                                   "master_dtype": "float32"}
     assert manifest["aliases"] == {"lm_head.weight": "wte.weight"}
@@ -135,7 +138,8 @@ def test_altered_or_truncated_file_is_named(tmp_path):
         checkpoint.load(tmp_path, model=model, optimizer=opt)
     with pytest.raises(ValueError, match=r"rank00000\.safetensors fails its sha256 check"):
         checkpoint.consolidate(tmp_path, tmp_path / "out.safetensors")
-    assert cli_checkpoint(["inspect", str(tmp_path), "--verify"]) == 1
+    assert main(["checkpoint", "inspect", str(tmp_path), "--verify"]) == 3
+    assert main(["checkpoint", "inspect", str(tmp_path)]) == 0         # sizes match: only the hash sees it
     shard.write_bytes(good[:-100])
     with pytest.raises(ValueError, match=r"rank00000\.safetensors has \d+ bytes, the manifest says"):
         checkpoint.load(tmp_path, model=model, optimizer=opt)
@@ -215,6 +219,7 @@ def test_pickle_payloads_are_never_executed(tmp_path):
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["rank00000.safetensors"] = {"sha256": fmt.sha256_file(shard), "bytes": len(payload)}
     (path / "manifest.json").write_text(json.dumps(manifest))
+    fmt.write_checksum(path)                       # ... and whose checksum covers that manifest
     with pytest.raises(ValueError, match=r"rank00000\.safetensors is not a valid safetensors file"):
         checkpoint.load(tmp_path / "ck", model=model, optimizer=opt)
     with pytest.raises(ValueError, match="not a valid safetensors file"):
@@ -276,5 +281,51 @@ def test_cli_inspect(tmp_path, capsys):
                      "exp_avg_sq (float32), step", "StepLR (last_epoch 2)", "client state  data_position",
                      "file          rank00000.safetensors"):
         assert expected in text, (expected, text)
-    assert cli_checkpoint(["inspect", str(tmp_path / "nothing")]) == 1
-    assert "no checkpoint in" in capsys.readouterr().err
+    assert main(["checkpoint", "inspect", str(tmp_path / "nothing")]) == 6
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- manifest integrity
+def _edit(path: Path, change, *, checksum: bool) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    if checksum:
+        fmt.write_checksum(path)                   # an edit that also forges the checksum
+
+
+def test_a_tampered_manifest_is_refused_by_load_and_consolidate(tmp_path, capsys):
+    model, opt, sched = _trained()
+    path = checkpoint.save(tmp_path, model=model, optimizer=opt, step=2)
+    pristine = (path / "manifest.json").read_bytes()
+    _edit(path, lambda m: m["params"]["wte.weight"]["shape"].reverse(), checksum=False)    # transposed
+    for action in (lambda: checkpoint.load(tmp_path, model=model, optimizer=opt),
+                   lambda: checkpoint.consolidate(tmp_path, tmp_path / "out.safetensors")):
+        with pytest.raises(fmt.CheckpointError, match="does not match its checksum in manifest.sha256"):
+            action()
+    assert not (tmp_path / "out.safetensors").exists()
+    assert main(["checkpoint", "consolidate", str(tmp_path), "-o", str(tmp_path / "o.safetensors")]) == 3
+    assert "does not match its checksum" in capsys.readouterr().err
+    # past a forged checksum, the shapes are still held against the slices and the bytes
+    (path / "manifest.json").write_bytes(pristine)
+    _edit(path, lambda m: m["params"]["wte.weight"].update(shape=[10, 10]), checksum=True)
+    with pytest.raises(fmt.CheckpointError, match=r"'wte.weight' has shape \[10, 10\] \(100 elements\).*cover \[0, 184\)"):
+        checkpoint.consolidate(tmp_path, tmp_path / "out.safetensors")
+    (path / "manifest.json").write_bytes(pristine)
+    _edit(path, lambda m: m["params"]["wte.weight"].update(dtype="float16"), checksum=True)
+    with pytest.raises(fmt.CheckpointError, match=r"'master/wte.weight/0-184' holds 184 torch.float32 elements"):
+        checkpoint.load(tmp_path, model=model, optimizer=opt)
+    (path / "manifest.json").write_bytes(pristine)
+    fmt.write_checksum(path)
+    assert checkpoint.load(tmp_path, model=model, optimizer=opt)["step"] == 2
+
+
+def test_a_version_1_checkpoint_without_checksum_still_loads(tmp_path):
+    model, opt, sched = _trained()
+    path = checkpoint.save(tmp_path, model=model, optimizer=opt, step=2)
+    (path / "manifest.sha256").unlink()
+    with pytest.raises(fmt.CheckpointError, match="has no manifest.sha256"):
+        checkpoint.load(tmp_path, model=model, optimizer=opt)
+    _edit(path, lambda m: m.update(format_version=1), checksum=False)
+    assert checkpoint.load(tmp_path, model=model, optimizer=opt)["step"] == 2

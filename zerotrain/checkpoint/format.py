@@ -9,7 +9,12 @@ A checkpoint is a directory ``<root>/<tag>/`` holding
 * ``manifest.json``: format version, step, layout (stage, dp, tp, world, dtypes), for every
   parameter its shape, dtype, tensor-parallel split and the list of slices with the file that holds
   each, optimizer groups / state keys / scalar states, scheduler, loss scaler, per-rank RNG
-  (JSON part), client state, model config, library version, and the sha256 and size of each file.
+  (JSON part), client state, model config, library version, whether every tensor is finite, and
+  the sha256 and size of each file;
+* ``manifest.sha256``: the manifest's sha256 in ``sha256sum`` format (``sha256sum -c
+  manifest.sha256`` checks it by hand), so the manifest, and through it every file, is covered by
+  a checksum. Readers refuse a manifest that does not match it (format version 1, written before
+  this file existed, is read without it).
 
 ``<root>/latest`` holds the tag of the newest committed checkpoint. Nothing is ever pickled: the
 manifest is JSON (tuples, non-string keys and 0-d tensors are tagged so they round-trip exactly)
@@ -26,8 +31,10 @@ from pathlib import Path
 import torch
 
 FORMAT = "zerotrain-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+CHECKSUM = "manifest.sha256"
 LATEST = "latest"
 _TUPLE, _DICT, _SCALAR = "__zt_tuple__", "__zt_dict__", "__zt_scalar__"
 
@@ -36,13 +43,17 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.f
           "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged, altered, incomplete, or does not fit what it is loaded into."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def dtype_of(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"checkpoint: unknown dtype {name!r} in the manifest; known: {sorted(DTYPES)}")
+        raise CheckpointError(f"checkpoint: unknown dtype {name!r} in the manifest; known: {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -134,39 +145,71 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_checksum(ckpt_dir: Path) -> None:
+    """Write ``manifest.sha256`` for the manifest in ``ckpt_dir`` (fsynced)."""
+    path = Path(ckpt_dir) / CHECKSUM
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{sha256_file(Path(ckpt_dir) / MANIFEST)}  {MANIFEST}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_checksum(ckpt_dir: Path, raw: bytes, version) -> None:
+    path = Path(ckpt_dir) / CHECKSUM
+    if not path.is_file():
+        if version == 1:
+            return                                   # written before manifests had a checksum
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no {CHECKSUM}, so its {MANIFEST} cannot be "
+                              "trusted; restore the file or save the checkpoint again")
+    want = path.read_text(encoding="utf-8", errors="replace").split()
+    if not want or want[0] != hashlib.sha256(raw).hexdigest():
+        raise CheckpointError(f"checkpoint manifest {Path(ckpt_dir) / MANIFEST} does not match its checksum in "
+                              f"{CHECKSUM}: the manifest was edited or damaged; restore it from a copy or save "
+                              "the checkpoint again (every shape, dtype and file hash it lists is suspect)")
+
+
 def read_manifest(ckpt_dir: Path) -> dict:
     path = Path(ckpt_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} has no {MANIFEST}; it is not a "
                                 "committed zerotrain checkpoint (an interrupted save leaves none)")
+    raw = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"checkpoint manifest {path} is not valid JSON ({exc}); the file is damaged") from exc
+        raise CheckpointError(f"checkpoint manifest {path} is not valid JSON ({exc}); the file is damaged") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a zerotrain checkpoint manifest (format field "
-                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
-                         f"by this zerotrain (it reads version {FORMAT_VERSION}); use a matching release")
+        raise CheckpointError(f"{path} is not a zerotrain checkpoint manifest (format field "
+                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
+                              f"by this zerotrain (it reads versions {READABLE_VERSIONS}); use a matching release")
+    _check_checksum(ckpt_dir, raw, manifest["format_version"])
+    from .integrity import check_layout
+    check_layout(manifest, ckpt_dir)
     return manifest
 
 
-def verify_file(ckpt_dir: Path, name: str, manifest: dict) -> Path:
-    """Check size and sha256 of ``name`` against the manifest; returns its path."""
+def check_file(ckpt_dir: Path, name: str, manifest: dict, *, hash: bool = True) -> Path:
+    """Check presence and size (and sha256 if ``hash``) of ``name`` against the manifest."""
     info = manifest["files"].get(name)
     path = Path(ckpt_dir) / name
     if info is None:
-        raise ValueError(f"checkpoint {ckpt_dir}: {name} is not listed in {MANIFEST}")
+        raise CheckpointError(f"checkpoint {ckpt_dir}: {name} is not listed in {MANIFEST}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} is missing")
     size = path.stat().st_size
     if size != info["bytes"]:
-        raise ValueError(f"checkpoint file {path} has {size} bytes, the manifest says {info['bytes']}: "
-                         "the file is truncated or altered")
-    if sha256_file(path) != info["sha256"]:
-        raise ValueError(f"checkpoint file {path} fails its sha256 check: the file is corrupted or altered")
+        raise CheckpointError(f"checkpoint file {path} has {size} bytes, the manifest says {info['bytes']}: "
+                              "the file is truncated or altered")
+    if hash and sha256_file(path) != info["sha256"]:
+        raise CheckpointError(f"checkpoint file {path} fails its sha256 check: the file is corrupted or altered")
     return path
+
+
+def verify_file(ckpt_dir: Path, name: str, manifest: dict) -> Path:
+    """Check size and sha256 of ``name`` against the manifest; returns its path."""
+    return check_file(ckpt_dir, name, manifest, hash=True)
 
 
 # ------------------------------------------------------------------ roots and tags

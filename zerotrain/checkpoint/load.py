@@ -19,7 +19,7 @@ import torch
 from ..distributed import comm
 from . import rng
 from .collect import global_shape, param_names, split_state_dict, tp_rank_of, tp_spec, zero_state_of
-from .format import dtype_of, from_json, read_manifest, resolve
+from .format import CheckpointError, dtype_of, from_json, read_manifest, resolve
 from .source import ParamSource
 from .tensorfile import ShardReader
 
@@ -51,7 +51,7 @@ def load(root, *, model, optimizer=None, scheduler=None, tag: str | None = None,
         raise error
     for rank, st in enumerate(statuses):
         if st:
-            raise RuntimeError(f"checkpoint.load: rank {rank} failed: {st}")
+            raise CheckpointError(f"checkpoint.load: rank {rank} failed: {st}")
     for u in zs.units:
         u.params_from_master()
     if optimizer is not None:
@@ -71,7 +71,7 @@ def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt) -> Non
     missing = [n for n in mine if n not in saved]
     unexpected = [n for n in saved if n not in mine]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {ckpt} does not match the model: missing from the checkpoint "
+        raise CheckpointError(f"checkpoint {ckpt} does not match the model: missing from the checkpoint "
                          f"{missing[:5]}{'...' if len(missing) > 5 else ''}, not in the model "
                          f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the model it "
                          "was saved from")
@@ -79,33 +79,33 @@ def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt) -> Non
         want = global_shape(shape, tp_spec(p))
         have = global_shape(saved[name]["shape"], saved[name]["tp"])
         if want != have:
-            raise ValueError(f"checkpoint {ckpt}: parameter {name!r} has shape {have} in the checkpoint "
+            raise CheckpointError(f"checkpoint {ckpt}: parameter {name!r} has shape {have} in the checkpoint "
                              f"and {want} in the model; build the model with the saved configuration")
     _, extras = split_state_dict(model, zs)
     absent = [n for n in extras if n not in manifest["extras"]]
     if absent:
-        raise ValueError(f"checkpoint {ckpt} lacks buffers/frozen parameters {absent[:5]} of the model")
+        raise CheckpointError(f"checkpoint {ckpt} lacks buffers/frozen parameters {absent[:5]} of the model")
     if optimizer is not None:
         _check_optimizer(manifest.get("optimizer"), optimizer, zs, ckpt)
     if scheduler is not None and manifest.get("scheduler") is None:
-        raise ValueError(f"checkpoint {ckpt} has no scheduler state; pass scheduler=None to load it")
+        raise CheckpointError(f"checkpoint {ckpt} has no scheduler state; pass scheduler=None to load it")
 
 
 def _check_optimizer(meta, optimizer, zs, ckpt) -> None:
     if meta is None:
-        raise ValueError(f"checkpoint {ckpt} has no optimizer state; pass optimizer=None to load the "
+        raise CheckpointError(f"checkpoint {ckpt} has no optimizer state; pass optimizer=None to load the "
                          "model only")
     if getattr(optimizer, "model", None) is None or optimizer.zs is not zs:
         raise ValueError("checkpoint.load: optimizer is not a zerotrain.ShardedOptimizer of this model")
     cls = type(optimizer.inner).__qualname__
     if meta["class"] != cls:
-        raise ValueError(f"checkpoint {ckpt} holds {meta['class']} state, the optimizer is {cls}; "
+        raise CheckpointError(f"checkpoint {ckpt} holds {meta['class']} state, the optimizer is {cls}; "
                          f"build a {meta['class']} (or load with optimizer=None)")
     names = param_names(zs)
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     saved = [g["params"] for g in meta["param_groups"]]
     if [sorted(g) for g in groups] != [sorted(g) for g in saved]:
-        raise ValueError(f"checkpoint {ckpt}: the optimizer's param groups ({len(groups)} groups) hold other "
+        raise CheckpointError(f"checkpoint {ckpt}: the optimizer's param groups ({len(groups)} groups) hold other "
                          f"parameters than the saved ones ({len(saved)} groups); build the groups the same way")
 
 

@@ -5,10 +5,13 @@ Protocol (collective over the world group; every step that can fail on one rank 
 exchange of status, so all ranks raise together instead of hanging):
 
 1. every rank checks the arguments and encodes the JSON parts (errors raise before any collective);
-2. rank 0 creates ``<root>/.tmp-<tag>`` (removing leftovers of interrupted saves); exchange;
+2. every rank checks that the tensors it will write are finite (a checkpoint holding inf or nan is
+   refused unless ``allow_nonfinite``); rank 0 creates ``<root>/.tmp-<tag>`` (removing leftovers of
+   interrupted saves); exchange;
 3. every rank writes ``rank<r>.safetensors`` there, fsyncs it and reports its sha256; exchange;
-4. rank 0 writes ``manifest.json``, fsyncs, renames the directory to ``<root>/<tag>``, fsyncs the
-   root, replaces ``latest`` atomically, applies keep-last-N retention; exchange.
+4. rank 0 writes ``manifest.json`` and ``manifest.sha256``, fsyncs, renames the directory to
+   ``<root>/<tag>``, fsyncs the root, replaces ``latest`` atomically, applies keep-last-N retention
+   (which never removes the newest checkpoint whose values are all finite); exchange.
 
 A process killed at any point before step 4's ``latest`` update leaves the previous checkpoint as
 ``latest``; the test hook ``ZEROTRAIN_CHECKPOINT_FAULT=after_shards|before_rename|before_latest``
@@ -23,11 +26,13 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from ..distributed import comm
 from . import rng
 from .collect import collect, describe_params, model_info, param_names, zero_state_of
-from .format import (FORMAT, FORMAT_VERSION, MANIFEST, check_tag, default_tag, dtype_name, fsync_dir,
-                     latest_tag, rank_file, to_json, write_json, write_latest)
+from .format import (FORMAT, FORMAT_VERSION, MANIFEST, CheckpointError, check_tag, default_tag, dtype_name,
+                     fsync_dir, latest_tag, rank_file, to_json, write_checksum, write_json, write_latest)
 from .tensorfile import write_safetensors
 
 log = logging.getLogger("zerotrain")
@@ -46,7 +51,8 @@ def _exchange(value, group, what: str):
     statuses = comm.all_gather_object(value, group)
     for rank, st in enumerate(statuses):
         if isinstance(st, dict) and st.get("error"):
-            raise RuntimeError(f"checkpoint.save: {what} failed on rank {rank}: {st['error']}")
+            kept = "" if what == "committing" else " (nothing was committed: the previous checkpoint is the latest)"
+            raise CheckpointError(f"checkpoint.save: {what} failed on rank {rank}: {st['error']}{kept}")
     return statuses
 
 
@@ -84,11 +90,13 @@ def _json_parts(model, zs, *, optimizer, scheduler, client_state) -> dict:
 
 
 def save(root, *, model, optimizer=None, scheduler=None, step: int, client_state: dict | None = None,
-         keep_last: int | None = None, tag: str | None = None) -> Path:
+         keep_last: int | None = None, tag: str | None = None, allow_nonfinite: bool = False) -> Path:
     """Save a sharded checkpoint to ``<root>/<tag>`` (default tag ``step%08d``) and point
     ``<root>/latest`` at it. Collective: every rank calls it with the same arguments; ``root`` must
     be visible to every rank. ``client_state`` (JSON-able: data position, ...) comes back from
-    ``load`` (rank 0's is stored). ``keep_last=N`` deletes older checkpoints beyond the newest N."""
+    ``load`` (rank 0's is stored). ``keep_last=N`` deletes older checkpoints beyond the newest N
+    (never the newest finite one). Weights or optimizer state holding inf or nan raise
+    :class:`CheckpointError` on every rank and nothing is written, unless ``allow_nonfinite``."""
     zs = zero_state_of(model, "save")
     _check_args(step, keep_last, optimizer, model)
     tag = check_tag(default_tag(step) if tag is None else tag)
@@ -96,7 +104,9 @@ def save(root, *, model, optimizer=None, scheduler=None, step: int, client_state
     mesh, root = zs.mesh, Path(root)
     tmp = root / f".tmp-{tag}"
     t0 = time.perf_counter()
-    _exchange(_attempt(_prepare, root, tmp) if mesh.rank == 0 else None, mesh.world_group, "preparing")
+    checks = _exchange(_attempt(_check_and_prepare, model, zs, optimizer, root=root, tmp=tmp,
+                                allow_nonfinite=allow_nonfinite), mesh.world_group, "preparing")
+    parts["finite"] = all(c["value"] for c in checks)
     reports = _exchange(_attempt(_write_rank, model, zs, optimizer, tmp), mesh.world_group, "writing shards")
     status = None
     if mesh.rank == 0:
@@ -106,6 +116,25 @@ def save(root, *, model, optimizer=None, scheduler=None, step: int, client_state
     _exchange(status, mesh.world_group, "committing")
     log.info("checkpoint: saved %s (step %d) in %.2fs", root / tag, step, time.perf_counter() - t0)
     return root / tag
+
+
+def _all_finite(t, chunk: int = 1 << 24) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _check_and_prepare(model, zs, optimizer, *, root: Path, tmp: Path, allow_nonfinite: bool) -> bool:
+    """Whether this rank's tensors are all finite (raising if not and not allowed); rank 0 prepares."""
+    bad = next((key for key, t in collect(model, zs, optimizer).tensors
+                if t.is_floating_point() and not _all_finite(t)), None)
+    if bad is not None and not allow_nonfinite:
+        latest = latest_tag(root) if root.is_dir() else None
+        raise CheckpointError(f"{bad} holds inf or nan: refusing to write a checkpoint that cannot be resumed "
+                              f"from ({f'{latest} stays the latest' if latest else 'no checkpoint is written'}); "
+                              "pass allow_nonfinite=True to save it anyway")
+    if zs.mesh.rank == 0:
+        _prepare(root, tmp)
+    return bad is None
 
 
 def _prepare(root: Path, tmp: Path) -> None:
@@ -151,7 +180,7 @@ def _manifest(model, zs, parts: dict, reports: list[dict], *, step: int, tag: st
     mesh = zs.mesh
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _version(),
-        "tag": tag, "step": step, "created_unix": time.time(),
+        "tag": tag, "step": step, "created_unix": time.time(), "finite": parts["finite"],
         "layout": {"stage": zs.stage, "dp": mesh.dp, "tp": mesh.tp, "world": mesh.world_size,
                    "param_dtype": dtype_name(zs.dtypes.param), "master_dtype": dtype_name(zs.dtypes.master)},
         "model": parts["model"], "params": params, "extras": extras, "aliases": aliases,
@@ -168,6 +197,7 @@ def _version() -> str:
 
 def _commit(root: Path, tmp: Path, tag: str, *, manifest: dict, keep_last: int | None) -> None:
     write_json(tmp / MANIFEST, manifest)
+    write_checksum(tmp)
     fsync_dir(tmp)
     _fault("before_rename")
     final, old = root / tag, None
@@ -184,25 +214,28 @@ def _commit(root: Path, tmp: Path, tag: str, *, manifest: dict, keep_last: int |
         apply_retention(root, keep_last, protect={tag})
 
 
-def committed(root: Path) -> list[tuple[int, float, str]]:
-    """(step, commit time, tag) of every committed checkpoint under ``root``, oldest first."""
+def committed(root: Path) -> list[tuple[int, float, str, bool]]:
+    """(step, commit time, tag, finite) of every committed checkpoint under ``root``, oldest first."""
     out = []
     for d in Path(root).iterdir():
         man = d / MANIFEST
         if d.is_dir() and not d.name.startswith(".") and man.is_file():
             try:
-                step = int(json.loads(man.read_text(encoding="utf-8")).get("step", -1))
-            except (ValueError, TypeError):
-                step = -1
-            out.append((step, man.stat().st_mtime, d.name))
+                meta = json.loads(man.read_text(encoding="utf-8"))
+                step, finite = int(meta.get("step", -1)), meta.get("finite", True) is not False
+            except (ValueError, TypeError, AttributeError):
+                step, finite = -1, False
+            out.append((step, man.stat().st_mtime, d.name, finite))
     return sorted(out)
 
 
 def apply_retention(root: Path, keep_last: int, *, protect=()) -> list[str]:
-    """Delete all but the newest ``keep_last`` checkpoints; never ``protect``-ed tags nor ``latest``'s."""
-    keep = set(protect) | {latest_tag(root)}
+    """Delete all but the newest ``keep_last`` checkpoints; never ``protect``-ed tags, ``latest``'s,
+    nor the newest checkpoint whose values are all finite."""
     entries = committed(root)
-    doomed = [tag for _, _, tag in entries[:max(0, len(entries) - keep_last)] if tag not in keep]
+    finite = [tag for _, _, tag, ok in entries if ok]
+    keep = set(protect) | {latest_tag(root)} | set(finite[-1:])
+    doomed = [tag for _, _, tag, _ in entries[:max(0, len(entries) - keep_last)] if tag not in keep]
     for tag in doomed:
         trash = root / f".trash-{tag}"
         os.rename(root / tag, trash)                      # never a half-deleted "committed" directory

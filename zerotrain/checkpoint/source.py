@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .format import dtype_of, tensor_key
+from .format import CheckpointError, dtype_of, tensor_key
+from .integrity import check_entry
 from .tensorfile import ShardReader
 
 
@@ -68,12 +69,13 @@ class ParamSource:
             if a >= b:
                 continue
             key = tensor_key(kind, name, sl["lo"], sl["hi"])
+            check_entry(self.reader, sl["file"], key, dtype=self._dtype(meta, kind), numel=sl["hi"] - sl["lo"])
             self.reader.read_into(sl["file"], key, a - sl["lo"], out[a - lo:b - lo])
             filled += b - a
         if filled != hi - lo:
-            raise ValueError(f"checkpoint {self.reader.dir}: {kind} of {name!r} elements [{lo}, {hi}) "
-                             f"(tp rank {tp_rank}) are not all in the checkpoint ({filled} of {hi - lo} "
-                             "found); the manifest and files do not match")
+            raise CheckpointError(f"checkpoint {self.reader.dir}: {kind} of {name!r} elements [{lo}, {hi}) "
+                                  f"(tp rank {tp_rank}) are not all in the checkpoint ({filled} of {hi - lo} "
+                                  "found); the manifest and files do not match")
         return out
 
     def read_global(self, name: str, kind: str, *, group: str = "params") -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .format import verify_file
+from .format import CheckpointError, verify_file
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -112,7 +112,7 @@ class ShardReader:
                 self._open[file] = (fd, _parse_header(fd, path)[1])
             except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
                 os.close(fd)
-                raise ValueError(f"checkpoint file {path} is not a valid safetensors file ({exc})") from exc
+                raise CheckpointError(f"checkpoint file {path} is not a valid safetensors file ({exc})") from exc
         return self._open[file]
 
     def keys(self, file: str) -> list[str]:
@@ -121,8 +121,8 @@ class ShardReader:
     def _entry(self, file: str, key: str):
         fd, entries = self.handle(file)
         if key not in entries:
-            raise ValueError(f"checkpoint file {self.dir / file} has no tensor {key!r}; the file does "
-                             "not match its manifest")
+            raise CheckpointError(f"checkpoint file {self.dir / file} has no tensor {key!r}; the file does "
+                                  "not match its manifest")
         return fd, entries[key]
 
     def read_into(self, file: str, key: str, lo: int, out: torch.Tensor) -> torch.Tensor:
@@ -130,14 +130,14 @@ class ShardReader:
         fd, (dtype, shape, begin, end) = self._entry(file, key)
         item = out.element_size()
         if dtype != out.dtype or not out.is_contiguous() or lo < 0 or begin + (lo + out.numel()) * item > end:
-            raise ValueError(f"checkpoint file {self.dir / file}: cannot read elements [{lo}, "
-                             f"{lo + out.numel()}) of {key!r} ({dtype}, {shape}) as {out.dtype}")
+            raise CheckpointError(f"checkpoint file {self.dir / file}: cannot read elements [{lo}, "
+                                  f"{lo + out.numel()}) of {key!r} ({dtype}, {shape}) as {out.dtype}")
         view = memoryview(out.detach().view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         pos, offset = 0, begin + lo * item
         while pos < len(view):
             n = os.preadv(fd, [view[pos:]], offset + pos)
             if n <= 0:
-                raise ValueError(f"checkpoint file {self.dir / file} ended early while reading {key!r}")
+                raise CheckpointError(f"checkpoint file {self.dir / file} ended early while reading {key!r}")
             pos += n
         return out
 

@@ -16,14 +16,31 @@ from zerotrain.config.schema import ZeroTrainConfig
 logger = logging.getLogger("zerotrain")
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str, *, error: type[Exception] = ConfigError) -> Any:
+    """A JSON file's content; ``error`` names the file and the problem: missing, not UTF-8, not
+    JSON, or an object with the same key twice (JSON parsers keep the last one silently)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise error(f"config file not found: {path}")
+
+    def no_duplicates(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise error(f"{path}: key {key!r} appears twice in the same object; keep one (JSON readers "
+                            "would silently use the last)")
+            seen.add(key)
+        return dict(pairs)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
+                    "file as UTF-8") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise error(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+_read_json = read_json
 
 
 def parse_config(data: dict[str, Any], source: str = "config dict") -> ZeroTrainConfig:

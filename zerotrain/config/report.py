@@ -54,7 +54,8 @@ def cli_config(argv: list[str]) -> int:
         if args.dp is not None:
             cfg.resolve(args.dp)
     except ConfigError as e:
-        print(str(e), file=sys.stderr)
+        from zerotrain.cli import one_line
+        print(f"zerotrain config: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     inert = cfg.inert_keys()
     print(f"{args.file}: valid" + (f"; accepted without effect: {', '.join(inert)}" if inert else ""))

@@ -15,13 +15,15 @@ Groups are always arguments. ``None`` here means "a group of one" (no process gr
 default world group: callers hold their groups in a :class:`~zerotrain.distributed.mesh.Mesh`.
 
 Algorithms. On gloo with CPU tensors, reduce-scatter and all-gather are built from point-to-point
-messages: every rank sends each peer the chunk that peer owns (reduce-scatter) or its own shard
-(all-gather) and receives straight into place. That is the ring's volume, (N - 1)/N of the buffer
-per rank, with no staging copies; measured here it is 2-3x faster than gloo's
-``reduce_scatter_single`` / ``all_gather_single`` (``bench/gloo_collectives.py``). The received
-chunks are summed in rank order on the caller's thread when the handle is waited on. Other
-backends (NCCL) use their native collectives. ``set_point_to_point(False)`` forces the native ones
-everywhere (the tests run both).
+messages (:mod:`~zerotrain.distributed.p2p`); other backends (NCCL) use their native collectives.
+``set_point_to_point(False)`` forces the native ones everywhere (the tests run both).
+
+Order and failures. Every collective is numbered and may carry a ``label`` (the sharded unit's
+module name); ``set_step`` tags them with the training step (:mod:`~zerotrain.distributed.calls`,
+which also holds the debug-mode cross-check). A collective that fails because a peer failed raises
+:class:`~zerotrain.distributed.errors.PeerFailure` naming the rank that failed first and its
+error, as the :mod:`~zerotrain.distributed.watchdog` learned it, instead of the transport's
+"connection closed".
 """
 from __future__ import annotations
 
@@ -32,10 +34,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from . import calls, p2p
+from .calls import set_step
+from .errors import DistributedError
+
 __all__ = [
     "group_size", "group_rank", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
     "all_gather_object", "Handle", "comm_report", "reset_comm_report", "set_trace", "get_trace",
-    "reduce_scatter_scratch_numel", "set_point_to_point", "forget_groups",
+    "reduce_scatter_scratch_numel", "set_point_to_point", "forget_groups", "set_step",
 ]
 
 
@@ -54,39 +60,18 @@ class _Stats:
 
 
 _STATS = _Stats()
-_P2P = {"enabled": True, "tags": defaultdict(int), "backend": {}}
 
 
 def set_point_to_point(enabled: bool) -> None:
     """Use point-to-point reduce-scatter / all-gather on gloo CPU groups (the default) or not."""
-    _P2P["enabled"] = bool(enabled)
+    p2p.set_enabled(enabled)
 
 
 def forget_groups() -> None:
-    """Drop per-group state (backend, message tags); called when the process groups are destroyed,
-    since a later group may reuse a destroyed one's id."""
-    with _STATS.lock:
-        _P2P["tags"].clear()
-        _P2P["backend"].clear()
-
-
-def _use_p2p(group, tensor: torch.Tensor) -> bool:
-    if not _P2P["enabled"] or tensor.device.type != "cpu":
-        return False
-    key = id(group)
-    if key not in _P2P["backend"]:
-        _P2P["backend"][key] = dist.get_backend(group)
-    return _P2P["backend"][key] == "gloo"
-
-
-def _next_tag(group) -> int:
-    # Every rank issues the same collectives in the same order, so a per-group counter gives the
-    # same tag for the same collective on every rank; distinct tags keep concurrent collectives'
-    # messages apart whatever order they arrive in.
-    with _STATS.lock:
-        tag = _P2P["tags"][id(group)]
-        _P2P["tags"][id(group)] = (tag + 1) % (1 << 30)
-    return tag
+    """Drop per-group state (backend, message tags, sequence numbers); called when the process
+    groups are destroyed, since a later group may reuse a destroyed one's id."""
+    p2p.forget_groups()
+    calls.forget()
 
 
 def group_size(group) -> int:
@@ -104,13 +89,21 @@ class Handle:
     ``waited`` is True once ``wait()`` has run, including the bookkeeping attached with ``then``
     (summing received chunks, returning scratch), which only ``wait()`` performs."""
 
-    def __init__(self, work=None, then=None):
+    def __init__(self, work=None, then=None, call: calls.Call | None = None):
         self._work = [] if work is None else (list(work) if isinstance(work, (list, tuple)) else [work])
         self._then = then
+        self._call = call
 
     def wait(self):
-        while self._work:
-            self._work.pop(0).wait()
+        with calls.waiting(self._call):
+            while self._work:
+                try:
+                    self._work[0].wait()
+                except DistributedError:
+                    raise
+                except RuntimeError as exc:     # the transport's view of a peer's failure
+                    raise _explain(exc, self._call) from exc
+                self._work.pop(0)
         if self._then is not None:
             then, self._then = self._then, None
             then()
@@ -123,7 +116,12 @@ class Handle:
         return not self._work and self._then is None
 
 
-def _record(name: str, tensor: torch.Tensor, group, volume_factor: int):
+def _explain(exc: Exception, call) -> Exception:
+    from .watchdog import explain
+    return explain(exc, call)
+
+
+def _record(name: str, tensor: torch.Tensor, group, volume_factor: int, label: str | None) -> calls.Call:
     n = group_size(group)
     nbytes = tensor.numel() * tensor.element_size() * volume_factor
     with _STATS.lock:
@@ -133,30 +131,33 @@ def _record(name: str, tensor: torch.Tensor, group, volume_factor: int):
         c.wire_bytes += nbytes * (n - 1) / n
         if _STATS.trace is not None:
             _STATS.trace.append((name, str(tensor.dtype), tuple(tensor.shape), n))
+    return calls.begin(name, tensor, group, label)
 
 
-def _finish(work, then, async_op):
-    handle = Handle(work, then)
+def _finish(work, then, async_op, call):
+    handle = Handle(work, then, call)
     if not async_op:
         handle.wait()
     return handle
 
 
-def all_reduce(tensor: torch.Tensor, group, *, op: str = "sum", async_op: bool = False) -> Handle:
+def all_reduce(tensor: torch.Tensor, group, *, op: str = "sum", async_op: bool = False,
+               label: str | None = None) -> Handle:
     """In-place all-reduce; ``op`` is "sum", "avg" (sum then divide) or "max"."""
     if op not in ("sum", "avg", "max"):
         raise ValueError(f"all_reduce op must be 'sum', 'avg' or 'max', got {op!r}")
     n = group_size(group)
     if n == 1:
         return Handle()
-    _record("all_reduce", tensor, group, 2)
+    call = _record("all_reduce", tensor, group, 2, label)
     red = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
     work = dist.all_reduce(tensor, op=red, group=group, async_op=True)
     then = (lambda: tensor.div_(n)) if op == "avg" else None
-    return _finish(work, then, async_op)
+    return _finish(work, then, async_op, call)
 
 
-def all_gather(output: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False) -> Handle:
+def all_gather(output: torch.Tensor, shard: torch.Tensor, group, *, async_op: bool = False,
+               label: str | None = None) -> Handle:
     """Gather equal 1-D shards into ``output`` (``output.numel() == N * shard.numel()``)."""
     n = group_size(group)
     if output.numel() != n * shard.numel():
@@ -165,29 +166,15 @@ def all_gather(output: torch.Tensor, shard: torch.Tensor, group, *, async_op: bo
         if output.data_ptr() != shard.data_ptr():
             output.copy_(shard.view_as(output))
         return Handle()
-    _record("all_gather", output, group, 1)
-    if _use_p2p(group, output):
-        return _finish(_p2p_all_gather(output, shard, group, n), None, async_op)
+    call = _record("all_gather", output, group, 1, label)
+    if p2p.use_p2p(group, output):
+        return _finish(p2p.all_gather(output, shard, group, n, group_rank(group)), None, async_op, call)
     work = dist.all_gather_single(output, shard, group=group, async_op=True)
-    return _finish(work, None, async_op)
-
-
-def _p2p_all_gather(output, shard, group, n) -> list:
-    me, tag = group_rank(group), _next_tag(group)
-    chunks = output.view(n, -1)
-    if chunks[me].data_ptr() != shard.data_ptr():
-        chunks[me].copy_(shard.view(-1))
-    send = chunks[me]
-    works = []
-    for k in range(1, n):                  # staggered peers: rank r talks to r+1 first
-        dst, src = (me + k) % n, (me - k) % n
-        works.append(dist.isend(send, group=group, group_dst=dst, tag=tag))
-        works.append(dist.irecv(chunks[src], group=group, group_src=src, tag=tag))
-    return works
+    return _finish(work, None, async_op, call)
 
 
 def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op: bool = False,
-                   scratch: torch.Tensor | None = None) -> Handle:
+                   scratch: torch.Tensor | None = None, label: str | None = None) -> Handle:
     """SUM-reduce ``full`` over the group and leave this rank's 1/N slice in ``output``.
 
     ``output`` may be this rank's own chunk of ``full`` (an in-place reduce-scatter); the other
@@ -213,16 +200,17 @@ def reduce_scatter(output: torch.Tensor, full: torch.Tensor, group, *, async_op:
         if output.data_ptr() != full.data_ptr():
             output.copy_(full.view_as(output))
         return Handle()
-    _record("reduce_scatter", full, group, 1)
-    if _use_p2p(group, full):
-        works, then = _p2p_reduce_scatter(output, full, group, n, scratch)
-        return _finish(works, then, async_op)
+    call = _record("reduce_scatter", full, group, 1, label)
+    if p2p.use_p2p(group, full):
+        works, then = p2p.reduce_scatter(output, full, group, n, group_rank(group), scratch=scratch,
+                                         in_place=_overlaps(output, full))
+        return _finish(works, then, async_op, call)
     if _overlaps(output, full):
         tmp = scratch[:output.numel()].view_as(output)
         work = dist.reduce_scatter_single(tmp, full, group=group, async_op=True)
-        return _finish(work, lambda: output.copy_(tmp), async_op)
+        return _finish(work, lambda: output.copy_(tmp), async_op, call)
     work = dist.reduce_scatter_single(output, full, group=group, async_op=True)
-    return _finish(work, None, async_op)
+    return _finish(work, None, async_op, call)
 
 
 def reduce_scatter_scratch_numel(output: torch.Tensor, full: torch.Tensor, group) -> int:
@@ -231,7 +219,7 @@ def reduce_scatter_scratch_numel(output: torch.Tensor, full: torch.Tensor, group
     if n == 1:
         return 0
     in_place = _overlaps(output, full)
-    if _use_p2p(group, full):
+    if p2p.use_p2p(group, full):
         return (n - 1 if in_place else n - 2) * output.numel()
     return output.numel() if in_place else 0
 
@@ -241,45 +229,28 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
-def _p2p_reduce_scatter(output, full, group, n, scratch):
-    me, tag = group_rank(group), _next_tag(group)
-    chunks = full.view(n, -1)
-    out = output.view(-1)
-    in_place = _overlaps(output, full)
-    # Received chunks land in ``output`` itself when it is a separate buffer (the first one), the
-    # rest in a scratch buffer: with two ranks a separate output needs no scratch at all.
-    spare = n - 1 if in_place else n - 2
-    rows = scratch[:spare * out.numel()].view(spare, out.numel()) if spare else None
-    targets = ([] if in_place else [out]) + (list(rows) if spare else [])
-    works = []
-    for k in range(1, n):                  # staggered: rank r sends to r+k and receives from r-k
-        dst, src = (me + k) % n, (me - k) % n
-        works.append(dist.isend(chunks[dst], group=group, group_dst=dst, tag=tag))
-        works.append(dist.irecv(targets[k - 1], group=group, group_src=src, tag=tag))
-
-    def add_up():
-        if not in_place:
-            out.add_(chunks[me])
-        for row in (rows if spare else ()):
-            out.add_(row)
-    return works, add_up
-
-
-def broadcast(tensor: torch.Tensor, group, *, src_group_rank: int = 0) -> None:
+def broadcast(tensor: torch.Tensor, group, *, src_group_rank: int = 0, label: str | None = None) -> None:
     if group_size(group) == 1:
         return
-    _record("broadcast", tensor, group, 1)
-    dist.broadcast(tensor, group=group, group_src=src_group_rank)
+    call = _record("broadcast", tensor, group, 1, label)
+    _finish(dist.broadcast(tensor, group=group, group_src=src_group_rank, async_op=True), None, False, call)
 
 
-def all_gather_object(obj, group) -> list:
+def all_gather_object(obj, group, *, label: str | None = None) -> list:
     """Gather a small picklable object from every rank (used for agreement checks, not data)."""
     if group_size(group) == 1:
         return [obj]
     out = [None] * group_size(group)
     with _STATS.lock:
         _STATS.counters["all_gather_object"].calls += 1
-    dist.all_gather_object(out, obj, group=group)
+    call = calls.begin("all_gather_object", None, group, label)
+    with calls.waiting(call):
+        try:
+            dist.all_gather_object(out, obj, group=group)
+        except DistributedError:
+            raise
+        except RuntimeError as exc:
+            raise _explain(exc, call) from exc
     return out
 
 

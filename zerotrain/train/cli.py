@@ -5,8 +5,10 @@ stage 3 on 2 local processes. A run lives in ``<runs-dir>/<run-name>/`` (default
 ``runs/<preset>-zero<stage>``): options.json, tokenizer.json, data/, checkpoints/, metrics.jsonl,
 tb/, loss.png, results.json. Starting a run whose directory holds a checkpoint resumes it, with
 the options it was created with (command-line settings on top; the model and data may not
-change); ``--fresh`` starts it over. ``eval`` and ``generate`` load a run's latest checkpoint in
-one process. User errors print one message and exit with status 2; an interrupted run exits 130.
+change); ``--fresh`` starts it over. Before any rank starts, ``train`` asks the memory planner
+whether the run fits this machine (:mod:`.preflight`). ``eval`` and ``generate`` load a run's
+latest checkpoint in one process. Errors print one line (``zerotrain.cli`` gives the exit
+status: 2 for user errors); an interrupted run exits 130.
 """
 from __future__ import annotations
 
@@ -41,11 +43,6 @@ against baselines, and samples. The run lives in runs/<preset>-zero<stage>/. Run
 command again resumes the run from its latest checkpoint (Ctrl-C saves one); --fresh starts over."""
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"zerotrain {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zerotrain train", description=TRAIN_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -61,6 +58,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="debug logging")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return p
+
+
+def parse_train_args(argv: list[str]):
+    """Flags and ``key=value`` overrides in any order (``--nproc 1 a=1 --stage 0 b=2``)."""
+    return _train_parser().parse_intermixed_args(argv)
 
 
 def resolve_options(args) -> Options:
@@ -88,6 +90,7 @@ def setup_run(opts: Options, *, fresh: bool) -> None:
     """Create (or clear, with ``fresh``) the run directory, save options.json, build the data."""
     from .prepare import prepare_data
     run_dir = opts.run_dir
+    _check_run_dir(run_dir)
     if fresh and run_dir.is_dir():
         if any(run_dir.iterdir()) and not (run_dir / "options.json").is_file():
             raise UsageError(f"--fresh: {run_dir} is not a zerotrain run (no options.json); not clearing it")
@@ -97,7 +100,33 @@ def setup_run(opts: Options, *, fresh: bool) -> None:
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "options.json").write_text(opts.model_dump_json(indent=1), encoding="utf-8")
-    prepare_data(opts)
+    _check_data_fits(opts, prepare_data(opts))
+
+
+def _check_run_dir(run_dir) -> None:
+    import os
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{path} is a file, not a directory; choose another --run-name or "
+                                 "--runs-dir (the run lives in <runs-dir>/<run-name>/)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise UsageError(f"{path} is not writable; choose a --runs-dir you can write to")
+            return
+
+
+def _check_data_fits(opts: Options, data) -> None:
+    """Each token file must hold at least one window of block_size + 1 tokens."""
+    import numpy as np
+
+    from zerotrain.model import get_config
+    block = get_config(opts.model.preset, vocab_size=opts.data.vocab_size, **opts.model_overrides()).block_size
+    for what, path, more in (("training", data.train_path, "a larger corpus"),
+                             ("held-out", data.heldout_path, "more held-out books (data.heldout_books)")):
+        n = len(np.load(path, mmap_mode="r"))
+        if n < block + 1:
+            raise UsageError(f"model.block_size={block} is longer than the {what} text ({n:,} tokens); "
+                             f"use model.block_size <= {n - 1} or {more}")
 
 
 def _print_options() -> None:
@@ -107,42 +136,41 @@ def _print_options() -> None:
 
 
 def cli_train(argv: list[str]) -> int:
+    from .preflight import preflight
     from .spawn import configure_logging, run_torchrun_rank, spawn_ranks, under_torchrun
-    args = _train_parser().parse_args(argv)
+    args = parse_train_args(argv)
     if args.options:
         _print_options()
         return 0
-    try:
-        opts = resolve_options(args)
-        if under_torchrun():
-            import os
-            opts.parallel.nproc = int(os.environ["WORLD_SIZE"])
-            check_launch(opts, world_size=opts.parallel.nproc)
-            summary = run_torchrun_rank(opts, lambda: setup_run(opts, fresh=args.fresh), verbose=args.verbose)
-            if summary is None:
-                return 0
-        else:
-            check_launch(opts)
-            configure_logging(0, verbose=args.verbose)
-            setup_run(opts, fresh=args.fresh)
-            summary = spawn_ranks(opts, verbose=args.verbose)
-    except UsageError as e:
-        return _fail("train", str(e))
-    except KeyboardInterrupt:
-        print("interrupted before training started", file=sys.stderr)
-        return 130
+    opts = resolve_options(args)
+    if under_torchrun():
+        import os
+        opts.parallel.nproc = int(os.environ["WORLD_SIZE"])
+        check_launch(opts, world_size=opts.parallel.nproc)
+        preflight(opts, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        summary = run_torchrun_rank(opts, lambda: setup_run(opts, fresh=args.fresh), verbose=args.verbose)
+        if summary is None:
+            return 0
+    else:
+        check_launch(opts)
+        configure_logging(0, verbose=args.verbose)
+        preflight(opts)
+        setup_run(opts, fresh=args.fresh)
+        summary = spawn_ranks(opts, verbose=args.verbose)
     return _report_end(opts, summary)
 
 
-def _report_end(opts: Options, summary: dict | None) -> int:
+def _report_end(opts: Options, summary: dict) -> int:
     again = f"zerotrain train --run-name {opts.run_name} --runs-dir {opts.run.runs_dir}"
-    if summary is None:
-        print("zerotrain train: rank 0 ended without a result (see the messages above)", file=sys.stderr)
-        return 1
+    if summary.get("aborted"):
+        latest = summary.get("latest")
+        kept = (f"the latest checkpoint, {latest}, in {opts.run_dir / 'checkpoints'} is intact" if latest
+                else "no checkpoint had been saved")
+        print(f"aborted: the ranks were stopped at once; {kept}. Resume with: {again}", file=sys.stderr)
+        return 130
     if summary.get("interrupted"):
-        what = "aborted without saving" if summary.get("aborted") else f"interrupted at step {summary['step']}"
-        print(f"{what}; the latest checkpoint in {opts.run_dir / 'checkpoints'} is intact. "
-              f"Resume with: {again}", file=sys.stderr)
+        print(f"interrupted at step {summary['step']}; the latest checkpoint in {opts.run_dir / 'checkpoints'} "
+              f"is intact. Resume with: {again}", file=sys.stderr)
         return 130
     print(f"\nrun directory: {opts.run_dir}  (metrics.jsonl, loss.png, results.json, checkpoints/, tb/)\n"
           f"next: zerotrain eval {opts.run_name} --runs-dir {opts.run.runs_dir}   |   "
@@ -160,4 +188,4 @@ def cli_generate(argv: list[str]) -> int:
     return run(argv)
 
 
-__all__ = ["cli_train", "cli_eval", "cli_generate", "resolve_options", "setup_run"]
+__all__ = ["cli_train", "cli_eval", "cli_generate", "parse_train_args", "resolve_options", "setup_run"]

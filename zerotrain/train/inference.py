@@ -47,6 +47,12 @@ def load_run(name: str, runs_dir: str):
     model = build_model(opts, tokenizer.vocab_size, Mesh.single())
     info = ckpt.load(root, model=model)
     model.eval()
+    bad = next((n for n, p in model.named_parameters() if not bool(p.isfinite().all())), None)
+    if bad is not None:
+        from zerotrain.checkpoint.format import CheckpointError
+        raise CheckpointError(f"the checkpoint of run {run_dir} at step {info['step']} holds inf or nan values "
+                              f"({bad}): training had diverged when it was saved; train again from an "
+                              "earlier checkpoint with a lower optim.lr")
     return opts, data, tokenizer, model, int(info["step"])
 
 
@@ -67,6 +73,9 @@ def cli_eval(argv: list[str]) -> int:
     args = p.parse_args(argv)
     configure_logging(0, verbose=args.verbose, quiet=True)
     try:
+        for flag, value in (("--cloze", args.cloze), ("--samples", args.samples)):
+            if value is not None and value < 0:
+                raise UsageError(f"{flag} {value}: must be >= 0 (0 skips it)")
         opts, data, tokenizer, model, step = load_run(args.run, args.runs_dir)
     except UsageError as e:
         print(f"zerotrain eval: error: {e}", file=sys.stderr)
@@ -91,6 +100,12 @@ def _check_sampling(args) -> None:
         raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
     if not args.prompt:
         raise UsageError("--prompt is empty; give some text to continue, e.g. --prompt \"In the beginning\"")
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples {args.num_samples}: must be >= 1")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--prompt is not valid UTF-8 text; pass UTF-8 (check the terminal's encoding)") from None
 
 
 def _generate_parser() -> argparse.ArgumentParser:
@@ -126,7 +141,7 @@ def cli_generate(argv: list[str]) -> int:
     new = min(args.max_new_tokens, context - n_prompt)
     if new < args.max_new_tokens:
         print(f"note: only {new} new tokens fit in the {context}-token context", file=sys.stderr)
-    for i in range(max(1, args.num_samples)):
+    for i in range(args.num_samples):
         text = sample_texts(model, tokenizer, [args.prompt], max_new_tokens=new, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed + i)[0]
         print(text if args.num_samples == 1 else f"--- sample {i + 1}\n{text}")

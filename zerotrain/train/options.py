@@ -93,6 +93,7 @@ class TrainOptions(_Section):
     eval_windows: PosInt = 48          # held-out windows per periodic evaluation
     ckpt_interval: NonNegInt = 250     # 0: only at the end and on Ctrl-C
     keep_last: PosInt | None = 2
+    max_bad_steps: NonNegInt = 20      # this many non-finite steps in a row stop the run (0: never)
     cloze_passages: NonNegInt = 300
     sample_tokens: NonNegInt = 48
 
@@ -100,6 +101,7 @@ class TrainOptions(_Section):
 class RunOptions(_Section):
     name: str | None = None            # None: "<preset>-zero<stage>"
     runs_dir: str = "runs"
+    preflight: bool = True             # check the run fits this machine's memory before starting it
 
 
 class Options(_Section):
@@ -207,13 +209,8 @@ def build_options(*, config_file: str | None = None, settings: dict[str, Any] | 
 
 
 def read_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UsageError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}") from None
+    from zerotrain.config.loading import read_json
+    data = read_json(path, error=UsageError)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: the top level must be an object of sections ({', '.join(SECTIONS)})")
     return data

@@ -6,8 +6,10 @@ them. Files are written under a temporary name and renamed, so an interrupted bu
 half-written file behind.
 
 A corpus given with ``--corpus`` is read in the bundled corpus' format (a name line, then text;
-sections separated by one blank line). When none of the held-out books are in it (or it is plain
-text), the last sections holding about 5% of the text are held out instead.
+sections separated by one blank line); it must be UTF-8 text. When none of the default held-out
+books are in it (or it is plain text), the last sections holding about 5% of the text are held
+out instead, with a warning; held-out books named explicitly (``data.heldout_books``) must all
+be in the corpus.
 
 With ``data.facts`` (the default) the bundled corpus' training side also holds the prose of the
 WordNet facts that ``zerotrain finetune --tasks qa`` asks about (``zerotrain.data.tasks.qa``);
@@ -21,8 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from zerotrain.data import (Book, Corpus, build_token_file, load_corpus, load_tokenizer, split_books,
-                            train_tokenizer)
+from zerotrain.data import (DEFAULT_HELDOUT_BOOKS, Book, Corpus, build_token_file, load_corpus,
+                            load_tokenizer, split_books, train_tokenizer)
 from zerotrain.data.corpus import join_books
 
 from .options import Options, UsageError
@@ -42,12 +44,23 @@ class RunData:
 
 
 def _load(opts: Options) -> Corpus:
+    corpus = _read(opts)
+    if any("\x00" in b.text or "\x00" in b.name for b in corpus.books):
+        raise UsageError(f"corpus {opts.data.corpus} holds NUL characters: it looks like a binary file, not "
+                         "text; pass a UTF-8 text file")
+    return corpus
+
+
+def _read(opts: Options) -> Corpus:
     try:
         return load_corpus(opts.data.corpus)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
-    except (ValueError, UnicodeDecodeError):
-        text = Path(opts.data.corpus).read_text(encoding="utf-8", errors="replace")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"corpus {opts.data.corpus} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start:,}); pass a UTF-8 text file (convert it with iconv)") from None
+    except ValueError:
+        text = Path(opts.data.corpus).read_text(encoding="utf-8")
         chunks = [c for c in text.split("\n\n") if c.strip()]
         books = tuple(Book(f"part {i + 1}", c.strip("\n")) for i, c in enumerate(chunks))
         return Corpus(books, str(opts.data.corpus))
@@ -64,15 +77,21 @@ def split_corpus(opts: Options) -> tuple[list[Book], list[Book]]:
 
 def _split_books(opts: Options) -> tuple[list[Book], list[Book]]:
     corpus = _load(opts)
-    wanted = [b for b in opts.data.heldout_books if b in corpus.names]
+    asked = list(opts.data.heldout_books)
+    wanted = [b for b in asked if b in corpus.names]
+    explicit = asked != list(DEFAULT_HELDOUT_BOOKS)
+    if explicit and len(wanted) < len(asked):
+        missing = [b for b in asked if b not in corpus.names]
+        shown = ", ".join(corpus.names[:12]) + (", ..." if len(corpus.names) > 12 else "")
+        raise UsageError(f"data.heldout_books: {missing} are not sections of {corpus.path} (it has: {shown}); "
+                         "name sections of this corpus, or leave data.heldout_books out to hold out its last 5%")
     if wanted:
-        if len(wanted) < len(opts.data.heldout_books):
-            missing = sorted(set(opts.data.heldout_books) - set(wanted))
-            log.warning("held-out books not in %s, ignored: %s", corpus.path, ", ".join(missing))
         try:
             return split_books(corpus, wanted)
         except ValueError as e:
             raise UsageError(f"data.heldout_books: {e}") from None
+    log.warning("none of the default held-out books are in %s: holding out its last sections (about %d%% "
+                "of the text) instead", corpus.path, round(100 * HELDOUT_FRACTION))
     if len(corpus.books) < 2:
         raise UsageError(f"corpus {corpus.path} has a single section; separate it into sections "
                          "with blank lines so some can be held out for evaluation")

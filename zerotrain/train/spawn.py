@@ -15,7 +15,13 @@ and glibc malloc settings chosen by model size (variables already set in the env
 Each rank moves into its
 own process group, so a terminal's Ctrl-C reaches only the launcher, which forwards SIGINT to
 every rank once: they finish the current step, save a checkpoint and exit. A third Ctrl-C kills
-the ranks without saving (the previous checkpoint stays intact).
+the ranks (the latest checkpoint stays intact). A rank whose launcher has died (killed, say) is
+told by its watchdog, even in the middle of a step: it stops like on Ctrl-C and is ended after a
+few seconds if the step does not finish (:mod:`zerotrain.distributed.watchdog`).
+
+When a rank fails, every rank leaves within seconds; the launcher raises the error they all
+raised (a usage error, a diverged run, a checkpoint problem), or :class:`RankFailed` naming the
+rank that failed first and its error.
 
 Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set) this process is one rank; SIGTERM
 (what torchrun sends on Ctrl-C) and SIGINT both request the same clean stop.
@@ -24,15 +30,18 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
+import traceback
 import uuid
 
 import torch
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from zerotrain.distributed import comm, destroy_distributed, init_distributed
+from zerotrain.distributed import DistributedError, comm, destroy_distributed, init_distributed, report_failure
+from zerotrain.distributed import watchdog
 
 from .options import Options, UsageError
 from .trainer import StopFlag, count_parameters, train
@@ -78,37 +87,46 @@ def _summary(state) -> dict:
     return {"step": state.step, "interrupted": state.interrupted, "results": state.results}
 
 
-class _RankStop(StopFlag):
-    """Also stop (and save) when the launcher has died: a rank in its own process group would
-    otherwise train on as an orphan."""
+class RankFailed(DistributedError):
+    """A rank of ``zerotrain train`` failed; ``details`` holds its traceback (shown by --verbose)."""
 
-    def __init__(self):
-        self._parent = os.getppid()
-        super().__init__()
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
-    @property
-    def requested(self) -> bool:
-        return self._requested or os.getppid() != self._parent
 
-    @requested.setter
-    def requested(self, value: bool) -> None:
-        self._requested = value
+def _failure_report(rank: int, exc: BaseException) -> dict:
+    first = report_failure(exc)
+    report = {"rank": rank, "type": type(exc).__name__, "message": str(exc),
+              "traceback": "".join(traceback.format_exception(exc)),
+              "first": (first.rank, first.reason) if first is not None else (rank, f"{type(exc).__name__}: {exc}")}
+    try:
+        pickle.loads(pickle.dumps(exc))
+        report["exception"] = exc
+    except Exception:  # noqa: BLE001 - an unpicklable exception travels as text
+        pass
+    return report
 
 
 def _rank_entry(rank: int, opts_dict: dict, store: str, world: int, queue, verbose: bool, entry=None) -> None:
     os.setpgrp()                       # the launcher alone receives the terminal's Ctrl-C
-    stop = _RankStop().install()
+    stop = StopFlag().install()
     torch.set_num_threads(1)
     configure_logging(rank, verbose=verbose)
     opts = Options.model_validate(opts_dict)
     mesh = init_distributed(tp=opts.parallel.tp, backend="gloo", init_method=f"file://{store}", rank=rank,
-                            world_size=world)
+                            world_size=world, watch_parent=True)
+    if watchdog.active() is not None:  # the launcher died: stop (and save) as on Ctrl-C
+        watchdog.active().on_parent_exit.append(lambda: setattr(stop, "requested", True))
     try:
         state = (entry or train)(mesh, opts, stop=stop)
         if rank == 0:
             queue.put(_summary(state))
-    finally:
+    except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which prints one line
+        queue.put(_failure_report(rank, exc))
         destroy_distributed()
+        sys.exit(1)
+    destroy_distributed()
 
 
 class _Forwarder:
@@ -123,7 +141,7 @@ class _Forwarder:
             print("\nstopping: the ranks finish this step and save a checkpoint "
                   "(Ctrl-C twice more to abort without saving)", file=sys.stderr, flush=True)
         if self.count >= 3:
-            print("aborting without saving; the previous checkpoint is kept", file=sys.stderr, flush=True)
+            print("aborting: ending the ranks now; the latest checkpoint is kept", file=sys.stderr, flush=True)
         for pid in self.pids:
             try:
                 os.kill(pid, signal.SIGKILL if self.count >= 3 else signal.SIGINT)
@@ -141,10 +159,10 @@ def rank_env(opts: Options) -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1", **malloc}
 
 
-def spawn_ranks(opts: Options, *, verbose: bool = False, entry=None) -> dict | None:
-    """Run ``opts.parallel.nproc`` local ranks to completion; rank 0's summary (None if it died).
-
-    ``entry(mesh, opts, stop=...)`` is what each rank runs (default: ``trainer.train``)."""
+def spawn_ranks(opts: Options, *, verbose: bool = False, entry=None) -> dict:
+    """Run ``opts.parallel.nproc`` local ranks to completion; returns rank 0's summary, or raises
+    what the ranks failed with (see the module docstring). ``entry(mesh, opts, stop=...)`` is what
+    each rank runs (default: ``trainer.train``)."""
     for key, value in rank_env(opts).items():  # inherited by the spawned ranks at start
         os.environ.setdefault(key, value)
     store = opts.run_dir.resolve() / f".store-{uuid.uuid4().hex[:8]}"
@@ -152,25 +170,70 @@ def spawn_ranks(opts: Options, *, verbose: bool = False, entry=None) -> dict | N
     queue = ctx.SimpleQueue()
     args = (opts.model_dump(), str(store), opts.parallel.nproc, queue, verbose, entry)
     procs = mp.start_processes(_rank_entry, args=args, nprocs=opts.parallel.nproc, join=False,
-                               start_method="spawn")
-    forward = _Forwarder(procs.pids())
+                               start_method="spawn").processes
+    forward = _Forwarder([p.pid for p in procs])
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not procs.join(timeout=0.5):
-            pass
-    except mp.ProcessRaisedException as e:
-        print(f"zerotrain train: rank {e.error_index} failed:{e}", file=sys.stderr)
-        return None
-    except mp.ProcessExitedException as e:
-        if forward.count >= 3:
-            return {"interrupted": True, "aborted": True, "step": None, "results": None}
-        print(f"zerotrain train: rank {e.error_index} exited with status {e.exit_code}", file=sys.stderr)
-        return None
+        reports = _wait_all(procs, queue)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         store.unlink(missing_ok=True)
-    return None if queue.empty() else queue.get()
+    codes = [p.exitcode for p in procs]
+    if forward.count >= 3 and any(codes):
+        from zerotrain.checkpoint import latest_tag
+        root = opts.run_dir / "checkpoints"
+        return {"interrupted": True, "aborted": True, "step": None, "results": None,
+                "latest": latest_tag(root) if root.is_dir() else None}
+    summary = next((r for r in reports if "type" not in r), None)
+    if any(codes) or summary is None:
+        raise _rank_error(reports, codes)
+    return summary
+
+
+def _wait_all(procs, queue, failure_wait: float = 45.0) -> list[dict]:
+    """Wait for every rank, reading the queue as reports arrive. Once one rank has failed, the
+    others get ``failure_wait`` seconds to report and leave (their watchdogs make them), then are
+    killed."""
+    import time
+    from multiprocessing.connection import wait
+    reports, deadline = [], None
+    while True:
+        while not queue.empty():
+            reports.append(queue.get())
+        alive = [p for p in procs if p.exitcode is None]
+        if not alive:
+            break
+        if deadline is None and any(p.exitcode for p in procs):
+            deadline = time.monotonic() + failure_wait
+        if deadline is not None and time.monotonic() > deadline:
+            for p in alive:
+                p.kill()
+        wait([p.sentinel for p in alive], timeout=0.5)
+    while not queue.empty():
+        reports.append(queue.get())
+    return reports
+
+
+def _rank_error(reports: list[dict], codes: list[int | None]) -> Exception:
+    """What the launcher raises when ranks failed: the error every rank raised, else RankFailed."""
+    failures = [r for r in reports if "type" in r]
+    if not failures:
+        rank, code = next(((r, c) for r, c in enumerate(codes) if c), (0, codes[0]))
+        how = (f"was killed by signal {signal.Signals(-code).name}" if isinstance(code, int) and code < 0
+               else f"exited with status {code}")
+        return RankFailed(f"rank {rank} {how} without reporting an error (out of memory?)")
+    rank, reason = failures[0]["first"]
+    root = next((r for r in failures if r["rank"] == rank), None)
+    if root is None and rank < len(codes) and codes[rank]:        # it died without a word
+        return _rank_error([], [c if r == rank else 0 for r, c in enumerate(codes)])
+    root = root or failures[0]
+    same = len({(r["type"], r["message"]) for r in failures}) == 1 and len(failures) == len(codes)
+    if same and "exception" in root:
+        error = root["exception"]
+        error.details = root["traceback"]
+        return error
+    return RankFailed(f"rank {rank} failed: {reason}", root["traceback"])
 
 
 def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False, entry=None) -> dict | None:
@@ -181,6 +244,8 @@ def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False, entry=None
     stop = StopFlag().install((signal.SIGINT, signal.SIGTERM))
     mesh = init_distributed(tp=opts.parallel.tp, backend="gloo")   # the trainer works on the CPU
     configure_logging(mesh.rank, verbose=verbose)
+    if watchdog.active() is not None:  # torchrun's agent died: stop (and save) as on Ctrl-C
+        watchdog.active().on_parent_exit.append(lambda: setattr(stop, "requested", True))
     try:
         error = None
         if mesh.rank == 0:
@@ -193,5 +258,8 @@ def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False, entry=None
             raise UsageError(error)
         state = (entry or train)(mesh, opts, stop=stop)
         return _summary(state) if mesh.rank == 0 else None
+    except BaseException as exc:
+        report_failure(exc)            # the other ranks leave now, naming this rank and its error
+        raise
     finally:
         destroy_distributed()

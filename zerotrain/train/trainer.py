@@ -25,6 +25,7 @@ from zerotrain.distributed import comm
 from zerotrain.model import GPT, get_config
 
 from .evaluate import evaluate_run, format_results, heldout_metrics
+from .guard import NonFiniteGuard, inject
 from .metrics import MetricsLog, Progress
 from .options import Options
 from .plots import plot_losses
@@ -146,24 +147,24 @@ def save(model, opt, sched, *, opts: Options, state: TrainState) -> None:
                            keep_last=opts.train.keep_last)
 
 
-def _train_step(model, opt, sched, batch, *, stop: StopFlag, mesh) -> tuple[float, bool, object, float]:
-    """One optimizer step; returns (global mean loss, stop agreed, StepInfo, lr used)."""
+def _train_step(model, opt, sched, batch, *, stop: StopFlag, mesh, step: int) -> tuple[float, bool, object, float]:
+    """One optimizer step (the ``step``-th); returns (global mean loss, stop agreed, StepInfo, lr used)."""
     x, y = batch
     lr = opt.param_groups[0]["lr"]
-    loss = model(x, y)
+    comm.set_step(step)
+    loss = inject(model(x, y), rank=mesh.rank, step=step)
     opt.scale_loss(loss).backward()
     info = opt.step()
     sched.step()
     opt.zero_grad()
     agreed = torch.tensor([loss.item(), float(stop.requested)], dtype=torch.float64)
-    comm.all_reduce(agreed, mesh.world_group)
+    comm.all_reduce(agreed, mesh.world_group, label="trainer: loss and stop flag")
     return agreed[0].item() / mesh.world_size, agreed[1].item() > 0, info, lr
 
 
-def _record(state: TrainState, *, loss: float, lr: float, info, tokens_per_s: float) -> dict:
-    return {"split": "train", "step": state.step, "loss": loss, "lr": lr,
-            "grad_norm": info.grad_norm, "skipped": info.skipped, "tokens_per_s": round(tokens_per_s, 1),
-            "elapsed": round(state.elapsed, 2)}
+def _record(state: TrainState, *, loss: float, lr: float, info, tokens_per_s: float, health: dict) -> dict:
+    return {"split": "train", "step": state.step, "loss": loss, "lr": lr, "grad_norm": info.grad_norm,
+            **health, "tokens_per_s": round(tokens_per_s, 1), "elapsed": round(state.elapsed, 2)}
 
 
 def _periodic_eval(model, held: TokenDataset, *, tokenizer, opts: Options, mesh, metrics: MetricsLog,
@@ -190,26 +191,33 @@ def train_loop(model, opt, sched, *, opts: Options, mesh, data: RunData, tokeniz
     train_ds, held = TokenDataset(data.train_path, block), TokenDataset(data.heldout_path, block)
     progress = Progress(total=t.steps, initial=state.step, enabled=mesh.rank == 0, desc=opts.run_name,
                         log_interval=t.log_interval, elapsed_before=state.elapsed)
+    guard = NonFiniteGuard(max_bad_steps=t.max_bad_steps, ckpt_root=ckpt_root(opts), lr=opts.optim.lr,
+                           resume_hint=f"zerotrain train --run-name {opts.run_name} --runs-dir {opts.run.runs_dir}",
+                           speak=mesh.rank == 0)
     while state.step < t.steps:
         x, y = batches(train_ds, batch_size=t.batch_size, block_size=block, seed=t.seed, step=state.step,
                        dp_rank=mesh.dp_rank, dp_size=mesh.dp)
         start = time.perf_counter()
-        loss, stopping, info, lr = _train_step(model, opt, sched, (x, y), stop=stop, mesh=mesh)
+        loss, stopping, info, lr = _train_step(model, opt, sched, (x, y), stop=stop, mesh=mesh, step=state.step + 1)
         state.step += 1
         state.losses.append(loss)
         progress.update(state.step, loss, t.batch_size * block)
         state.elapsed = progress.elapsed
-        metrics.log(_record(state, loss=loss, lr=lr, info=info,
+        health = guard.update(state.step, loss, info)
+        metrics.log(_record(state, loss=loss, lr=lr, info=info, health=health,
                             tokens_per_s=t.batch_size * block / (time.perf_counter() - start)))
         if _due(state.step, t.eval_interval, t.steps):
             _periodic_eval(model, held, tokenizer=tokenizer, opts=opts, mesh=mesh, metrics=metrics,
                            step=state.step)
-        if stopping or state.step == t.steps or _due(state.step, t.ckpt_interval, t.steps):
+        if guard.wants_save(stopping or state.step == t.steps or _due(state.step, t.ckpt_interval, t.steps),
+                            state.step):
             save(model, opt, sched, opts=opts, state=state)
         if stopping:
             state.interrupted = True
             break
     progress.close()
+    if not state.interrupted:
+        guard.check_end(state.step)
 
 
 def train(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: bool = True) -> TrainState:

@@ -28,6 +28,7 @@ States (``states.py`` has the transition tables; only this class changes them):
 from __future__ import annotations
 
 import enum
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -103,6 +104,8 @@ class ShardedUnit:
         self.name = name or f"unit{index}"
         self.scratch = scratch or ScratchPool(keep=0)
         self.names = [n for n, _ in named_params]
+        # the unit's module name (the parameters' common prefix) labels its collectives
+        self.label = ".".join(os.path.commonprefix([n.split(".")[:-1] for n in self.names])) or "root"
         self.params = [p for _, p in named_params]
         self.dtypes = dtypes
         self.rank, self.world = comm.group_rank(group), comm.group_size(group)
@@ -149,7 +152,7 @@ class ShardedUnit:
         """Fill the parameters (what this stage keeps of them) and the master from ``init``, a
         flat buffer of every value; dp rank 0's ``init`` wins if ``sync_from_rank0``."""
         if sync_from_rank0:
-            comm.broadcast(init, self.group)
+            comm.broadcast(init, self.group, label=self.label)
         if self.policy.shard_params:
             _alloc(self.full)
         self.full.copy_(init)
@@ -208,7 +211,8 @@ class ShardedUnit:
             return
         if self.param_state is ParamState.SHARDED:
             _alloc(self.full)
-            self._gather_handle = comm.all_gather(self.full, self.shard, self.group, async_op=True)
+            self._gather_handle = comm.all_gather(self.full, self.shard, self.group, async_op=True,
+                                                  label=self.label)
             self.param_state = ParamState.GATHERING
         if not async_op:
             self._gather_handle.wait()
@@ -236,14 +240,14 @@ class ShardedUnit:
             # asynchronous: the next forward waits for each unit just before using it, so the
             # gather overlaps the forward of the units before it.
             self._gather_handle = comm.all_gather(self.full, self.full[self.lo:self.hi], self.group,
-                                                  async_op=True)
+                                                  async_op=True, label=self.label)
             self.param_state = ParamState.GATHERING
 
     def load_full_from(self, src: int) -> None:
         """``full`` was changed on dp rank ``src`` (``zero.GatheredParameters(modifier_rank=...)``):
         take those values everywhere, into the shard and the master too. Needs UNSHARDED."""
         self.wait_params()
-        comm.broadcast(self.full, self.group, src_group_rank=src)
+        comm.broadcast(self.full, self.group, src_group_rank=src, label=self.label)
         if self.shard is not None:
             self.shard.copy_(self.full[self.lo:self.hi])
         if self.separate_master:
@@ -317,7 +321,7 @@ class ShardedUnit:
         """Reduce-scatter with the algorithm's scratch (if any) from the pool; ``then`` runs after."""
         need = comm.reduce_scatter_scratch_numel(output, full, self.group)
         scratch = self.scratch.take(need, full.dtype, full.device) if need else None
-        handle = comm.reduce_scatter(output, full, self.group, async_op=True, scratch=scratch)
+        handle = comm.reduce_scatter(output, full, self.group, async_op=True, scratch=scratch, label=self.label)
 
         def done():
             if scratch is not None:
@@ -343,7 +347,8 @@ class ShardedUnit:
             return self._reduce_scatter(self.grad_shard, full, release)
         self._pack(self.grad_full, accumulate=accumulate)
         if self.policy.reduce is Reduce.ALL_REDUCE_AVG:
-            work = comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True)
+            work = comm.all_reduce(self.grad_full, self.group, op="avg", async_op=True,
+                                  label=self.label)
             return comm.Handle(work, self._reduced)
 
         def drop_other_slices():          # they were this rank's local terms, now sent
