@@ -45,7 +45,7 @@ class Stopper:
 
 @torch.no_grad()
 def _decode_batch(model, ids: list[list[int]], *, max_new: int, stopper: Stopper, sentence: bool) -> list[str]:
-    x = torch.tensor(ids, dtype=torch.long)
+    x = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
     cache = KVCache.for_model(model, len(ids))
     out = [[] for _ in ids]
     done = [False] * len(ids)

@@ -18,13 +18,15 @@ import shutil
 import sys
 
 from .options import Options, UsageError, build_options, check_launch
+from .placement import apply_device_defaults
 
 FLAGS = {  # flag -> (dotted option, type, help)
     "--preset": ("model.preset", str, "model preset: tiny, small, gpt2-124m, ... (default tiny)"),
     "--stage": ("parallel.stage", int, "ZeRO stage 0-3 (default 3)"),
-    "--nproc": ("parallel.nproc", int, "local processes to spawn (default 2; torchrun sets its own)"),
+    "--nproc": ("parallel.nproc", int, "local processes to spawn (default: one per GPU, else 2; torchrun sets its own)"),
+    "--device": ("parallel.device", str, "auto (default: the GPUs when CUDA is present), cuda or cpu"),
     "--tp": ("parallel.tp", int, "tensor-parallel degree: ranks per model replica (default 1)"),
-    "--precision": ("parallel.precision", str, "fp32 (default), bf16 or fp16"),
+    "--precision": ("parallel.precision", str, "fp32 (default on CPU), bf16 (default on GPU) or fp16"),
     "--steps": ("train.steps", int, "optimizer steps (default 1000)"),
     "--batch-size": ("train.batch_size", int, "global batch size in sequences (default 32)"),
     "--lr": ("optim.lr", float, "peak learning rate (default 3e-3)"),
@@ -83,6 +85,7 @@ def resolve_options(args) -> Options:
                                  f"settings ({'; '.join(changed)}); pass --fresh to start it over or "
                                  "--run-name NAME for a new run")
     opts.run.name = opts.run_name
+    apply_device_defaults(opts, explicit={f"parallel.{f}" for f in opts.parallel.model_fields_set})
     return opts
 
 

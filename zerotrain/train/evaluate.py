@@ -20,6 +20,8 @@ from zerotrain.data import (EOT, TokenDataset, build_cloze, cloze_accuracy, lm_m
 from zerotrain.distributed import comm
 from zerotrain.model import generate
 
+from .placement import device_of, to_device
+
 log = logging.getLogger("zerotrain")
 DEFAULT_PROMPTS = ("In the beginning", "The Lord said to Moses,", "Jesus answered")
 
@@ -65,13 +67,13 @@ def _share(count: int, mesh) -> tuple[range, int]:
 
 
 def _sum(values: list[float], mesh) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=mesh.device)
     comm.all_reduce(t, mesh.dp_group)
     return t.tolist()
 
 
 def _dummy_forward(model) -> None:
-    model(torch.zeros(1, 1, dtype=torch.long))
+    model(torch.zeros(1, 1, dtype=torch.long, device=device_of(model)))
 
 
 @torch.no_grad()
@@ -93,6 +95,7 @@ def heldout_metrics(model, dataset: TokenDataset, *, mesh, tokenizer, block_size
             _dummy_forward(model)
             continue
         x, y = dataset.windows(chunk, block_size)
+        x, y = to_device(x, device_of(model)), to_device(y, device_of(model))
         logits = model(x).float()
         nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
         tokens += y.numel()
@@ -114,7 +117,8 @@ def cloze_eval(model, passages, *, mesh, tokenizer, block_size: int) -> float:
     correct = 0.0
     if mine:
         logits = full_logits(model, mesh)
-        correct = round(cloze_accuracy(logits, tokenizer, mine, max_len=block_size) * len(mine))
+        on_device = lambda ids: logits(ids.to(device_of(model)))  # noqa: E731
+        correct = round(cloze_accuracy(on_device, tokenizer, mine, max_len=block_size) * len(mine))
     for _ in range(per - len(mine)):
         _dummy_forward(model)
     model.train(was_training)
@@ -129,8 +133,9 @@ def sample_texts(model, tokenizer, prompts, *, max_new_tokens: int, temperature:
     texts = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt)
-        gen = torch.Generator().manual_seed(seed)
-        out = generate(model, torch.tensor([ids], dtype=torch.long), max_new_tokens,
+        device = device_of(model)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out = generate(model, torch.tensor([ids], dtype=torch.long, device=device), max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                        eos_id=None, generator=gen)
         texts.append(tokenizer.decode(out[0].tolist()).split(EOT)[0])

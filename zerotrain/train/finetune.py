@@ -27,6 +27,7 @@ from .finetune_data import TaskMix, data_path, eval_batches
 from .finetune_options import read_finetune
 from .metrics import MetricsLog, Progress
 from .options import Options
+from .placement import device_of, to_device
 from .plots import plot_losses
 from .trainer import (StopFlag, TrainState, _checkpoint_api, build_model, build_optimizer, lr_schedule_for,
                       ckpt_root, count_parameters, resume, save)
@@ -46,6 +47,7 @@ def _start(model, opt, opts: Options, spec, state: TrainState) -> None:
 
 def _step(model, opt, sched, batch, *, stop, mesh) -> tuple[float, bool, object, float]:
     x, y, global_tokens = batch
+    x, y = to_device(x, mesh.device), to_device(y, mesh.device)
     lr = opt.param_groups[0]["lr"]
     local_tokens = int((y != IGNORE).sum())
     loss = model(x, y) * (local_tokens * mesh.dp / global_tokens)
@@ -53,7 +55,7 @@ def _step(model, opt, sched, batch, *, stop, mesh) -> tuple[float, bool, object,
     info = opt.step()
     sched.step()
     opt.zero_grad()
-    agreed = torch.tensor([loss.item() / mesh.dp, float(stop.requested)], dtype=torch.float64)
+    agreed = torch.tensor([loss.item() / mesh.dp, float(stop.requested)], dtype=torch.float64, device=mesh.device)
     comm.all_reduce(agreed, mesh.world_group)
     return agreed[0].item() / mesh.tp, agreed[1].item() > 0, info, lr
 
@@ -66,6 +68,7 @@ def heldout_loss(model, data: Encoded, *, examples: int, pad_id: int) -> float:
     model.eval()
     total = count = 0.0
     for x, y in eval_batches(data, examples=examples, pad_id=pad_id):
+        x, y = to_device(x, device_of(model)), to_device(y, device_of(model))
         n = int((y != IGNORE).sum())
         total += model(x, y).item() * n
         count += n

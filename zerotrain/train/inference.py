@@ -11,7 +11,9 @@ from pathlib import Path
 
 from zerotrain.distributed import Mesh
 
+
 from .options import Options, UsageError
+from .placement import device_of, run_device
 
 
 def find_run(name: str, runs_dir: str) -> Path:
@@ -44,7 +46,7 @@ def load_run(name: str, runs_dir: str):
     if not root.is_dir() or ckpt.latest_tag(root) is None:
         raise UsageError(f"run {run_dir} has no checkpoint yet; train it with "
                          f"`zerotrain train --run-name {run_dir.name} --runs-dir {run_dir.parent}`")
-    model = build_model(opts, tokenizer.vocab_size, Mesh.single())
+    model = build_model(opts, tokenizer.vocab_size, Mesh.single(run_device(opts)))
     info = ckpt.load(root, model=model)
     model.eval()
     bad = next((n for n, p in model.named_parameters() if not bool(p.isfinite().all())), None)
@@ -81,7 +83,7 @@ def cli_eval(argv: list[str]) -> int:
         print(f"zerotrain eval: error: {e}", file=sys.stderr)
         return 2
     t = opts.train
-    results = evaluate_run(model, data, tokenizer, mesh=Mesh.single(), block_size=model.config.block_size,
+    results = evaluate_run(model, data, tokenizer, mesh=Mesh.single(device_of(model)), block_size=model.config.block_size,
                            cloze_passages=t.cloze_passages if args.cloze is None else args.cloze,
                            sample_tokens=t.sample_tokens if args.samples is None else args.samples, seed=t.seed)
     print(f"run {opts.run_dir} at step {step}")

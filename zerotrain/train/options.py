@@ -65,6 +65,7 @@ class ParallelOptions(_Section):
     tp: PosInt = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     activation_checkpointing: bool = False     # recompute each block's activations in backward
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: the GPUs when CUDA is present
 
 
 class OptimOptions(_Section):

@@ -44,6 +44,7 @@ from zerotrain.distributed import DistributedError, comm, destroy_distributed, i
 from zerotrain.distributed import watchdog
 
 from .options import Options, UsageError
+from .placement import backend_for
 from .trainer import StopFlag, count_parameters, train
 
 SMALL_MODEL = 100_000_000
@@ -114,7 +115,7 @@ def _rank_entry(rank: int, opts_dict: dict, store: str, world: int, queue, verbo
     torch.set_num_threads(1)
     configure_logging(rank, verbose=verbose)
     opts = Options.model_validate(opts_dict)
-    mesh = init_distributed(tp=opts.parallel.tp, backend="gloo", init_method=f"file://{store}", rank=rank,
+    mesh = init_distributed(tp=opts.parallel.tp, backend=backend_for(opts), init_method=f"file://{store}", rank=rank,
                             world_size=world, watch_parent=True)
     if watchdog.active() is not None:  # the launcher died: stop (and save) as on Ctrl-C
         watchdog.active().on_parent_exit.append(lambda: setattr(stop, "requested", True))
@@ -242,7 +243,7 @@ def run_torchrun_rank(opts: Options, setup, *, verbose: bool = False, entry=None
     A UsageError on rank 0 is shared with every rank, which all raise it (no rank is left
     waiting in a collective)."""
     stop = StopFlag().install((signal.SIGINT, signal.SIGTERM))
-    mesh = init_distributed(tp=opts.parallel.tp, backend="gloo")   # the trainer works on the CPU
+    mesh = init_distributed(tp=opts.parallel.tp, backend=backend_for(opts))   # NCCL on GPUs, else gloo
     configure_logging(mesh.rank, verbose=verbose)
     if watchdog.active() is not None:  # torchrun's agent died: stop (and save) as on Ctrl-C
         watchdog.active().on_parent_exit.append(lambda: setattr(stop, "requested", True))

@@ -28,6 +28,7 @@ from .evaluate import evaluate_run, format_results, heldout_metrics
 from .guard import NonFiniteGuard, inject
 from .metrics import MetricsLog, Progress
 from .options import Options
+from .placement import to_device
 from .plots import plot_losses
 from .prepare import RunData, prepare_data
 from .schedule import WarmupCosineLR
@@ -157,7 +158,7 @@ def _train_step(model, opt, sched, batch, *, stop: StopFlag, mesh, step: int) ->
     info = opt.step()
     sched.step()
     opt.zero_grad()
-    agreed = torch.tensor([loss.item(), float(stop.requested)], dtype=torch.float64)
+    agreed = torch.tensor([loss.item(), float(stop.requested)], dtype=torch.float64, device=mesh.device)
     comm.all_reduce(agreed, mesh.world_group, label="trainer: loss and stop flag")
     return agreed[0].item() / mesh.world_size, agreed[1].item() > 0, info, lr
 
@@ -197,6 +198,7 @@ def train_loop(model, opt, sched, *, opts: Options, mesh, data: RunData, tokeniz
     while state.step < t.steps:
         x, y = batches(train_ds, batch_size=t.batch_size, block_size=block, seed=t.seed, step=state.step,
                        dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+        x, y = to_device(x, mesh.device), to_device(y, mesh.device)
         start = time.perf_counter()
         loss, stopping, info, lr = _train_step(model, opt, sched, (x, y), stop=stop, mesh=mesh, step=state.step + 1)
         state.step += 1
