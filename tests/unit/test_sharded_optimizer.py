@@ -93,8 +93,14 @@ def test_bf16_keeps_separate_fp32_master_and_reports_it():
     numel = sum(u.layout.numel for u in model.zero_state.units)
     rep = zerotrain.memory_report(model, opt)
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert rep["params"] == 2 * psi and rep["master"] == 4 * psi and rep["grads"] == 4 * psi
+    assert rep["params"] == 2 * psi and rep["master"] == 4 * psi
+    assert rep["grads"] == 0, "zero_grad() gave the gradient buffers back"
     assert rep["optimizer_states"] == 8 * numel
+    x, y = make_batch("gpt", 4, 1)
+    model(x, y).backward()
+    assert zerotrain.memory_report(model, opt)["grads"] == 4 * psi
+    opt.zero_grad(set_to_none=False)
+    assert zerotrain.memory_report(model, opt)["grads"] == 4 * psi, "kept, zeroed"
 
 
 def test_sgd_momentum_and_param_groups_with_lr():

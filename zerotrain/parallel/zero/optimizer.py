@@ -158,9 +158,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return loss * self.scaler.scale if self.scaler else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradients. ``set_to_none`` (the default, as in torch) also gives the gradient
+        buffers' memory back until the next backward needs it; False keeps them, zeroed."""
         self.zs.schedule.finish()
         for u in self.zs.units:
-            u.zero_grads()
+            u.zero_grads(set_to_none=set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):

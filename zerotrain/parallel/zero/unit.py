@@ -124,8 +124,11 @@ class ShardedUnit:
             self.master = torch.empty(self.region[1] - self.region[0], dtype=dtypes.master, device=device)
         else:
             self.master = self.shard if policy.shard_params else self.full[self.region[0]:self.region[1]]
-        self.grad_full = None if policy.shard_grads else torch.zeros(padded, dtype=dtypes.reduce, device=device)
-        self.grad_shard = torch.zeros(shard, dtype=dtypes.reduce, device=device) if policy.shard_grads else None
+        # the gradient buffer holds no memory until a backward needs it, and gives it back on
+        # zero_grad(set_to_none=True): a forward's activations never share the peak with it
+        self.grad_full = None if policy.shard_grads else torch.empty(padded, dtype=dtypes.reduce, device=device)
+        self.grad_shard = torch.empty(shard, dtype=dtypes.reduce, device=device) if policy.shard_grads else None
+        _free(self.grad_full if self.grad_shard is None else self.grad_shard)
         self.param_state = ParamState.UNSHARDED
         if policy.shard_params:
             _free(self.full)                  # allocated by each gather, freed after each use
@@ -272,6 +275,14 @@ class ShardedUnit:
         """Stages 0–1 with gradients in the parameter dtype: ``.grad`` can be a view of grad_full."""
         return self.grad_full is not None and self.dtypes.reduce == self.dtypes.param
 
+    def _grad_buffer(self) -> torch.Tensor:
+        """The gradient buffer (grad_full or grad_shard), allocated and zeroed if it was freed."""
+        buf = self.grad_shard if self.policy.shard_grads else self.grad_full
+        if buf.untyped_storage().nbytes() == 0:
+            _alloc(buf)
+            buf.zero_()
+        return buf
+
     def prepare_backward(self) -> None:
         """Before a backward (from a forward in grad mode): point every ``.grad`` that is None at
         its view of the flat gradient buffer, so autograd accumulates in place — no gradient
@@ -280,8 +291,8 @@ class ShardedUnit:
         if not self.grads_in_place:
             return
         if self.grad_state is GradState.STEPPED:
-            self.zero_grads()
-        for p, view in zip(self.params, self.layout.views(self.grad_full)):
+            self.zero_grads(set_to_none=False)
+        for p, view in zip(self.params, self.layout.views(self._grad_buffer())):
             if p.grad is None:
                 p.grad = view
 
@@ -333,6 +344,7 @@ class ShardedUnit:
         """Reduce this unit's gradients over dp; the returned handle finishes the bookkeeping."""
         accumulate = self.grad_state in ACCUMULATES
         self._move(GradEvent.REDUCE)
+        self._grad_buffer()
         if self.policy.shard_grads:
             full = self.scratch.take(self.layout.padded, self.dtypes.reduce, self.grad_shard.device)
             self._pack(full, accumulate=False)
@@ -359,17 +371,19 @@ class ShardedUnit:
 
     def grad_region(self) -> torch.Tensor:
         """The reduced gradient matching ``master`` (SUM over dp for stages 1–3)."""
-        if self.policy.shard_grads:
-            return self.grad_shard
-        return self.grad_full[self.region[0]:self.region[1]]
+        buf = self._grad_buffer()
+        return buf if self.policy.shard_grads else buf[self.region[0]:self.region[1]]
 
     def mark_stepped(self) -> None:
         self._move(GradEvent.STEP)
 
-    def zero_grads(self) -> None:
+    def zero_grads(self, *, set_to_none: bool = True) -> None:
+        """Drop the gradients: free the buffer (``set_to_none``) or zero it."""
         self._move(GradEvent.ZERO)
-        for buf in (self.grad_full, self.grad_shard):
-            if buf is not None:
-                buf.zero_()
         for p in self.params:
             p.grad = None
+        buf = self.grad_shard if self.policy.shard_grads else self.grad_full
+        if set_to_none:
+            _free(buf)
+        elif buf.untyped_storage().nbytes():
+            buf.zero_()
