@@ -187,7 +187,7 @@ def shard_model(model: nn.Module, *, stage: int, mesh: Mesh | None = None, mixed
     module_names = {m: n for n, m in model.named_modules()}
     units, root = [], None
     if root_params:
-        root = ShardedUnit(model, root_params, index=0, name="<root>", **kw)
+        root = ShardedUnit(model, root_params, index=0, name="root", **kw)
         units.append(root)
     for m, params in zip(unit_modules, per_unit):
         if params:

@@ -101,12 +101,13 @@ class ShardedUnit:
     def __init__(self, module, named_params, *, index: int, policy: StagePolicy, group,
                  dtypes: UnitDtypes, scratch: ScratchPool | None = None, name: str = "", device=None):
         self.module, self.index, self.policy, self.group = module, index, policy, group
-        self.name = name or f"unit{index}"
-        self.scratch = scratch or ScratchPool(keep=0)
         self.names = [n for n, _ in named_params]
-        # the unit's module name (the parameters' common prefix) labels its collectives
-        self.label = ".".join(os.path.commonprefix([n.split(".")[:-1] for n in self.names])) or "root"
         self.params = [p for _, p in named_params]
+        # the unit's module name (by default the parameters' common prefix) names it in errors and
+        # labels its collectives for the collective-order checker
+        self.name = name or ".".join(os.path.commonprefix([n.split(".")[:-1] for n in self.names])) or "root"
+        self.label = self.name
+        self.scratch = scratch or ScratchPool(keep=0)
         self.dtypes = dtypes
         self.rank, self.world = comm.group_rank(group), comm.group_size(group)
         self.layout = FlatLayout.build([(n, p.shape) for n, p in named_params], self.world)
@@ -114,29 +115,31 @@ class ShardedUnit:
         self.region = policy.owned_region(self.layout.padded, self.world, self.rank)
         self.master_storage = (MasterStorage.COPY if dtypes.param != dtypes.master else
                                MasterStorage.PARAM_SHARD if policy.shard_params else MasterStorage.PARAM_FULL)
-        device = torch.device(device) if device is not None else self.params[0].device
-        if device.type == "meta":
-            raise ValueError(f"{self.name}: parameters on the meta device need a device to materialise on")
-        padded, shard = self.layout.padded, self.layout.shard_numel
-        self.full = torch.empty(padded, dtype=dtypes.param, device=device)
-        self.shard = torch.empty(shard, dtype=dtypes.param, device=device) if policy.shard_params else None
-        if self.master_storage is MasterStorage.COPY:
-            self.master = torch.empty(self.region[1] - self.region[0], dtype=dtypes.master, device=device)
-        else:
-            self.master = self.shard if policy.shard_params else self.full[self.region[0]:self.region[1]]
-        # the gradient buffer holds no memory until a backward needs it, and gives it back on
-        # zero_grad(set_to_none=True): a forward's activations never share the peak with it
-        self.grad_full = None if policy.shard_grads else torch.empty(padded, dtype=dtypes.reduce, device=device)
-        self.grad_shard = torch.empty(shard, dtype=dtypes.reduce, device=device) if policy.shard_grads else None
-        _free(self.grad_full if self.grad_shard is None else self.grad_shard)
-        self.param_state = ParamState.UNSHARDED
-        if policy.shard_params:
-            _free(self.full)                  # allocated by each gather, freed after each use
-            self.param_state = ParamState.SHARDED
+        self._allocate(torch.device(device) if device is not None else self.params[0].device)
+        self.param_state = ParamState.SHARDED if policy.shard_params else ParamState.UNSHARDED
         self.grad_state = GradState.EMPTY
         self._gather_handle: comm.Handle | None = None
         self._ready: set[int] = set()       # parameters whose gradient arrived in this backward
         self.host: HostState | None = None  # ZeRO-Offload: set by ``offload``
+
+    def _allocate(self, device: torch.device) -> None:
+        """Every tensor the unit will hold, with its aliasing fixed here (``master_storage``)."""
+        if device.type == "meta":
+            raise ValueError(f"{self.name}: parameters on the meta device need a device to materialise on")
+        padded, shard, dt = self.layout.padded, self.layout.shard_numel, self.dtypes
+        self.full = torch.empty(padded, dtype=dt.param, device=device)
+        self.shard = torch.empty(shard, dtype=dt.param, device=device) if self.policy.shard_params else None
+        if self.master_storage is MasterStorage.COPY:
+            self.master = torch.empty(self.region[1] - self.region[0], dtype=dt.master, device=device)
+        else:
+            self.master = self.shard if self.policy.shard_params else self.full[self.region[0]:self.region[1]]
+        # the gradient buffer holds no memory until a backward needs it, and gives it back on
+        # zero_grad(set_to_none=True): a forward's activations never share the peak with it
+        self.grad_full = None if self.policy.shard_grads else torch.empty(padded, dtype=dt.reduce, device=device)
+        self.grad_shard = torch.empty(shard, dtype=dt.reduce, device=device) if self.policy.shard_grads else None
+        _free(self.grad_full if self.grad_shard is None else self.grad_shard)
+        if self.policy.shard_params:
+            _free(self.full)                  # allocated by each gather, freed after each use
 
     # ---------------------------------------------------------------- construction
     def adopt_params(self, *, sync_from_rank0: bool) -> None:
