@@ -25,14 +25,6 @@ from zerotrain.data.corpus import join_books
 USAGE, CKPT, OS = 2, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    logger = logging.getLogger("zerotrain")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Inputs shared by the rows: config files, a corpus, a saved checkpoint."""

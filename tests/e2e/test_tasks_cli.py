@@ -4,21 +4,12 @@ tokenizer, an unknown task name) gets one clear message and exit status 2, never
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
 import pytest
 
 from zerotrain.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    logger = logging.getLogger("zerotrain")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -26,15 +25,6 @@ from zerotrain.data.corpus import join_books
 SMALL = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.block_size=32", "data.vocab_size=512",
          'data.heldout_books=["Ruth","Jonah"]', "train.batch_size=8", "train.cloze_passages=10",
          "train.sample_tokens=8", "train.eval_windows=4"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The CLI entry points configure the "zerotrain" logger; give later tests theirs back."""
-    logger = logging.getLogger("zerotrain")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -32,14 +31,6 @@ from zerotrain.data.corpus import join_books
 SMALL = ["model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.block_size=16", "data.vocab_size=300",
          'data.heldout_books=["Ruth"]', "train.batch_size=4", "train.cloze_passages=0", "train.sample_tokens=4",
          "train.eval_windows=2", "train.eval_interval=0", "optim.warmup=1"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    logger = logging.getLogger("zerotrain")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture(scope="module")
