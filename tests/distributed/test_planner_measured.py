@@ -33,14 +33,16 @@ def _train(mesh, mixed_precision, steps):
     zerotrain.shard_model(model, stage=_train.stage, mesh=mesh, mixed_precision=mixed_precision)
     opt = zerotrain.ShardedOptimizer(model, torch.optim.AdamW, lr=1e-3)
     g = torch.Generator().manual_seed(mesh.rank)
-    for _ in range(steps):
+    for step in range(steps):
         x = torch.randint(0, CONFIG.vocab_size, (MICRO_BATCH, CONFIG.block_size + 1), generator=g)
         zerotrain.reset_comm_report()
         model(x[:, :-1], x[:, 1:]).backward()
         opt.step()
+        if step == steps - 1:      # after the update, before zero_grad gives the gradients back
+            states = zerotrain.memory_report(model, opt)["model_states"]
         opt.zero_grad()
     comm = sum(v["bytes"] for k, v in zerotrain.comm_report().items() if k != "all_gather_object")
-    return zerotrain.memory_report(model, opt)["model_states"], comm
+    return states, comm
 
 
 def measure(mesh, stage):

@@ -63,12 +63,13 @@ def _run(mesh, stage):
         zerotrain.distributed.comm.all_reduce(t, mesh.dp_group, op="avg")
         losses.append(t.item())
         norms.append(info.grad_norm)
+        mem = zerotrain.memory_report(model, opt)    # all states live: before zero_grad frees the grads
         opt.zero_grad()
     params = {n: p.detach().clone() for n, p in model.full_state_dict().items()}
     tp_split = {n for n, p in model.named_parameters() if hasattr(p, "_zt_tp_dim")}
     units = model.zero_state.units
     return {"losses": losses, "norms": norms, "params": params, "comm": comm,
-            "mem": zerotrain.memory_report(model, opt), "tp_split": tp_split,
+            "mem": mem, "tp_split": tp_split,
             "local_numel": sum(u.layout.numel for u in units), "padded": sum(u.layout.padded for u in units),
             "split_meta": {n: (p._zt_tp_dim, p._zt_tp_size, p._zt_tp_rank, p._zt_tp_chunks)
                            for n, p in model.named_parameters() if hasattr(p, "_zt_tp_dim")}}

@@ -40,6 +40,9 @@ class FullLogits:
     def training(self) -> bool:
         return self.model.training
 
+    def parameters(self):
+        return self.model.parameters()
+
     def train(self, mode: bool = True):
         self.model.train(mode)
         return self
