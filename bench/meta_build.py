@@ -1,7 +1,7 @@
 """A GPT larger than a dense build allows: constructed on the meta device, sharded at ZeRO stage 3,
 trained for a few steps — each rank holding its shard, never the model.
 
-    .venv/bin/python bench/meta_build.py                       # ~1.15B parameters, world 4, 3 steps
+    .venv/bin/python bench/meta_build.py --params 1.1e9 --width 1024   # 1.10B parameters, world 4, 3 steps
     .venv/bin/python bench/meta_build.py --params 2e8 --world 2  # a quick check
 
 Per rank: peak RSS while building (meta → sharded) and over the whole run, the planner's peak RSS
@@ -92,10 +92,17 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=1.15e9)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--stage", type=int, default=3)
+    ap.add_argument("--width", type=int, default=None,
+                    help="model width (default: scaled with the size); narrower means more, smaller units, "
+                         "and a rank's transient buffers are a few units")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "meta_build"))
     args = ap.parse_args()
     exit_on_sigterm()
     cfg = candidate(args.params)
+    if args.width:
+        per_layer = 12 * args.width ** 2 + 13 * args.width
+        layers = max(1, round((args.params - (cfg.vocab_size + cfg.seq_len) * args.width) / per_layer))
+        cfg = type(cfg)(**{**cfg.__dict__, "n_embd": args.width, "n_head": args.width // 64, "n_layer": layers})
     cfg = type(cfg)(**{**cfg.__dict__, "world": args.world, "steps": 3, "micro_batch": 1})
     watch = TotalRSS()
     ranks = spawn(run, args.world, cfg, args.stage, timeout=3600, watchdog=watch)

@@ -163,6 +163,7 @@ class StepSchedule:
     def pre_backward(self, unit: ShardedUnit):
         self._enter_backward()
         self._note("pre_backward", unit)
+        unit.attach_send_buffer()
         if not unit.policy.shard_params:
             return
         unit.unshard()

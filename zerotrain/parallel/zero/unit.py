@@ -121,6 +121,7 @@ class ShardedUnit:
         self._gather_handle: comm.Handle | None = None
         self._ready: set[int] = set()       # parameters whose gradient arrived in this backward
         self.host: HostState | None = None  # ZeRO-Offload: set by ``offload``
+        self._send: torch.Tensor | None = None  # stages 2-3: .grad views live here until reduced
 
     def _allocate(self, device: torch.device) -> None:
         """Every tensor the unit will hold, with its aliasing fixed here (``master_storage``)."""
@@ -299,6 +300,19 @@ class ShardedUnit:
             if p.grad is None:
                 p.grad = view
 
+    def attach_send_buffer(self) -> None:
+        """Stages 2–3 with gradients in the parameter dtype, as this unit's backward begins: point
+        every ``.grad`` that is None at its view of the (pooled) buffer the reduce-scatter will
+        send, so autograd accumulates there — no per-parameter gradient allocated, and no copy
+        into the buffer afterwards. Kept across backward passes inside ``no_sync()``."""
+        if not self.policy.shard_grads or self.dtypes.reduce != self.dtypes.param:
+            return
+        if self._send is None:
+            self._send = self.scratch.take(self.layout.padded, self.dtypes.reduce, self.full.device).zero_()
+        for p, view in zip(self.params, self.layout.views(self._send)):
+            if p.grad is None:
+                p.grad = view
+
     def grad_arrived(self, param_index: int) -> None:
         """Note that a parameter's gradient is in (for this backward)."""
         self._ready.add(param_index)
@@ -319,6 +333,8 @@ class ShardedUnit:
         for p, view in zip(self.params, self.layout.views(flat)):
             g = p.grad
             if g is not None and g.data_ptr() == view.data_ptr():
+                if not keep_views:            # the buffer is about to be sent, then reused
+                    p.grad = None
                 continue                      # autograd already accumulated into our buffer
             if g is None:
                 if not accumulate:
@@ -349,7 +365,9 @@ class ShardedUnit:
         self._move(GradEvent.REDUCE)
         self._grad_buffer()
         if self.policy.shard_grads:
-            full = self.scratch.take(self.layout.padded, self.dtypes.reduce, self.grad_shard.device)
+            full, self._send = self._send, None       # autograd may have accumulated into it already
+            if full is None:
+                full = self.scratch.take(self.layout.padded, self.dtypes.reduce, self.grad_shard.device)
             self._pack(full, accumulate=False)
             if accumulate:
                 # fold what this rank accumulated so far into its own chunk, so the reduction
@@ -385,6 +403,9 @@ class ShardedUnit:
         self._move(GradEvent.ZERO)
         for p in self.params:
             p.grad = None
+        if self._send is not None:            # local gradients of no_sync() passes, dropped
+            self.scratch.give(self._send)
+            self._send = None
         buf = self.grad_shard if self.policy.shard_grads else self.grad_full
         if set_to_none:
             _free(buf)
