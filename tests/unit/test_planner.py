@@ -166,15 +166,18 @@ def test_padding_and_transients_named():
     spec = ModelSpec(name="m", units=(UnitSpec("root", 10), UnitSpec("b0", 7), UnitSpec("b1", 5)))
     p2 = plan(spec, stage=2, dp=3, param_dtype="fp32")       # padded 12, 9, 6 = 27
     assert (p2.params_bytes, p2.grads_bytes, p2.optimizer_states_bytes) == (108, 36, 72)
-    assert p2.comm_buffers_bytes == 12 * 4
+    # 3 send buffers of the largest unit in flight, and the point-to-point reduce-scatter's
+    # scratch for the peers' chunks of each ((dp - 2) of dp chunks)
+    assert p2.comm_buffers_bytes == 3 * 12 * 4 + 3 * 4 * 4
     pad = {e.name: e for e in p2.extras}["padding"]
     assert pad.bytes == round(4 * 5 + (4 + 8) * 5 / 3)     # 5 pad elements: whole params, shards
     p3 = plan(spec, stage=3, dp=3, param_dtype="bf16", reduce_dtype="bf16")
     extras = {e.name: e for e in p3.extras}
     assert extras["gathered parameters"].bytes == (12 + 9) * 2
     assert "root + b0" in extras["gathered parameters"].note
-    assert extras["unit gradient buffer"].bytes == 12 * 2
-    assert p3.total_bytes == p3.model_states_bytes + (12 + 9 + 12) * 2
+    assert extras["unit gradient buffers"].bytes == 3 * 12 * 2
+    assert extras["reduce scratch"].bytes == 3 * 4 * 2
+    assert p3.total_bytes == p3.model_states_bytes + (12 + 9 + 3 * 12 + 3 * 4) * 2
     assert p3.peak_rss_bytes == p3.total_bytes + DEFAULT_RUNTIME_OVERHEAD_BYTES
 
 

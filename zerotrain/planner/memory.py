@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from zerotrain.parallel.zero.policy import StagePolicy, policy_for
+from zerotrain.parallel.zero.hooks import StepSchedule
 from zerotrain.planner.activations import DEVICES, Activations, activations
 from zerotrain.planner.comm import CommVolume, comm_volume
 from zerotrain.planner.spec import ModelSpec
@@ -228,6 +229,9 @@ def _padding_bytes(policy: StagePolicy, dp: int, pad: int, per_elem) -> int:
     return round(sum(b * pad * (1 if w else 1 / dp) for w, b in zip(policy.whole, kinds)))
 
 
+MAX_IN_FLIGHT = StepSchedule.MAX_IN_FLIGHT
+
+
 def _transients(policy: StagePolicy, spec, padded, *, dp: int, p: int,
                 r: int) -> tuple[int, list[Extra]]:
     """Buffers that live only while a unit is gathered or reduced, from the policy's fields."""
@@ -245,8 +249,15 @@ def _transients(policy: StagePolicy, spec, padded, *, dp: int, p: int,
         extras.append(Extra("gathered parameters", sum(padded[i] for i in live) * p,
                             f"current + prefetched unit ({names})"))
     if policy.shard_grads:
-        extras.append(Extra("unit gradient buffer", padded[big] * r,
-                            f"full grads of the largest unit ({name})"))
+        # each unit's gradients accumulate in a full-size send buffer that lives until its
+        # reduce-scatter completes; the schedule keeps MAX_IN_FLIGHT outstanding plus the one filling
+        live = MAX_IN_FLIGHT + 1
+        extras.append(Extra("unit gradient buffers", live * padded[big] * r,
+                            f"full grads of {live} units in flight (largest: {name})"))
+        if dp > 2:
+            b = live * padded[big] // dp * (dp - 2) * r
+            extras.append(Extra("reduce scratch", b, "the peers' chunks received by the point-to-point "
+                                                     f"reduce-scatters of {live} units in flight"))
     return sum(e.bytes for e in extras), extras
 
 
