@@ -1,7 +1,7 @@
 """A GPT larger than a dense build allows: constructed on the meta device, sharded at ZeRO stage 3,
 trained for a few steps — each rank holding its shard, never the model.
 
-    .venv/bin/python bench/meta_build.py --params 1.1e9 --width 1024   # 1.10B parameters, world 4, 3 steps
+    .venv/bin/python bench/meta_build.py --params 1.11e9 --width 768 --activation-checkpointing   # 1.11B, world 4
     .venv/bin/python bench/meta_build.py --params 2e8 --world 2  # a quick check
 
 Per rank: peak RSS while building (meta → sharded) and over the whole run, the planner's peak RSS
@@ -26,13 +26,13 @@ from largest_model import candidate
 GB = 1e9
 
 
-def run(rank: int, world: int, cfg, stage: int) -> dict:
+def run(rank: int, world: int, cfg, stage: int, recompute: bool = False) -> dict:
     from zerotrain.model import GPT
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
         model = GPT(cfg.gpt_config())
-    zerotrain.shard_model(model, stage=stage, mesh=zerotrain.Mesh.default())
+    zerotrain.shard_model(model, stage=stage, mesh=zerotrain.Mesh.default(), activation_checkpointing=recompute)
     build_peak, built = peak_rss_bytes(), time.perf_counter() - t0
     opt = zerotrain.ShardedOptimizer(model, torch.optim.AdamW, lr=cfg.lr, weight_decay=0.01)
     losses, step_s = [], []
@@ -58,16 +58,17 @@ class TotalRSS:
         return None
 
 
-def predicted(cfg, stage: int, world: int):
+def predicted(cfg, stage: int, world: int, recompute: bool = False):
     from zerotrain.planner import ModelSpec, plan
     spec = ModelSpec.from_config(cfg.gpt_config())
     return plan(spec, stage=stage, dp=world, param_dtype="fp32", micro_batch=cfg.micro_batch,
-                seq_len=cfg.seq_len, device="cpu")
+                seq_len=cfg.seq_len, device="cpu", activation_checkpointing=recompute)
 
 
 def write(out: dict, path: str) -> None:
     r0, p = out["ranks"][0], out["plan"]
-    lines = [f"# Meta construction at ZeRO stage {out['stage']}, world {out['world']}", "",
+    lines = [f"# Meta construction at ZeRO stage {out['stage']}, world {out['world']}"
+             f"{', activation checkpointing' if out.get('recompute') else ''}", "",
              f"`{out['command']}` at {out['commit']}", "",
              f"GPT: {out['config']} = **{r0['numel'] / 1e9:.3f}B parameters** ({4 * r0['numel'] / GB:.2f} GB fp32)", "",
              "| rank | build s | peak RSS building | peak RSS over the run | step s (3 steps) | losses |",
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None,
                     help="model width (default: scaled with the size); narrower means more, smaller units, "
                          "and a rank's transient buffers are a few units")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "meta_build"))
     args = ap.parse_args()
     exit_on_sigterm()
@@ -105,10 +107,12 @@ def main() -> None:
         cfg = type(cfg)(**{**cfg.__dict__, "n_embd": args.width, "n_head": args.width // 64, "n_layer": layers})
     cfg = type(cfg)(**{**cfg.__dict__, "world": args.world, "steps": 3, "micro_batch": 1})
     watch = TotalRSS()
-    ranks = spawn(run, args.world, cfg, args.stage, timeout=3600, watchdog=watch)
+    ranks = spawn(run, args.world, cfg, args.stage, args.activation_checkpointing, timeout=3600, watchdog=watch)
     out = {"command": "python " + " ".join(["bench/meta_build.py", *sys.argv[1:]]), "commit": code_version(),
-           "stage": args.stage, "world": args.world, "config": cfg.__dict__, "ranks": ranks,
-           "total_peak": watch.peak, "plan": predicted(cfg, args.stage, args.world).to_dict()}
+           "stage": args.stage, "world": args.world, "recompute": args.activation_checkpointing,
+           "config": cfg.__dict__, "ranks": ranks,
+           "total_peak": watch.peak,
+           "plan": predicted(cfg, args.stage, args.world, args.activation_checkpointing).to_dict()}
     write(out, args.out)
 
 
