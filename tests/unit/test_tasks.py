@@ -11,7 +11,7 @@ from zerotrain.data.tasks import check_tasks, prompts, qa, summaries
 from zerotrain.data.tasks.wordnet import clean_gloss, parse_data_line
 from zerotrain.model import GPT, get_config
 from zerotrain.train.answer import _finish, generate_answers
-from zerotrain.train.finetune_data import TaskMix
+from zerotrain.train.finetune_data import COPY_SPAN, TaskMix, copy_example, prepare_copy_data
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,41 @@ def test_task_mix_is_a_function_of_the_step_and_ranks_split_it(tokenizer):
     assert parts[0][2] == parts[1][2] == n == int((y != -100).sum())
     again = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0).batch(5, batch_size=4, dp_rank=0, dp_size=1)
     assert torch.equal(again[0], x) and torch.equal(again[1], y)
+
+
+def test_copying_exercises_repeat_a_span_and_label_the_repeat(tokenizer):
+    text = np.arange(1000, 1400, dtype=np.uint16)                  # every token distinct
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids, plen = copy_example(text, rng)
+        n = plen - 1
+        assert COPY_SPAN[0] <= n <= COPY_SPAN[1] and len(ids) == 2 * n
+        assert (ids[:n] == ids[n:]).all() and (np.diff(ids[:n]) == 1).all() and ids[0] in text
+        x, y = prompts.pad_batch([(ids, plen)], length=len(ids) - 1, pad_id=0)
+        assert y[0].tolist() == [-100] * n + ids[n + 1:].tolist()    # the repeat, from its second token
+    enc = [prompts.encode_pairs(tokenizer, [(prompts.qa_prompt(f"What is {w}?"), f" {w} is {w}.") for w in words],
+                                block_size=64)[0] for words in (["a", "bb", "ccc"], ["dddd", "eeeee"])]
+    plain = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0)
+    off = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0, copy_text=text, copy_share=0.0)
+    mixed = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0, copy_text=text, copy_share=0.25)
+    for step in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(plain.batch(step, batch_size=8, dp_rank=0, dp_size=1)[:2],
+                                                     off.batch(step, batch_size=8, dp_rank=0, dp_size=1)[:2]))
+    rows = [r for step in range(40) for r in mixed.rows(step, 8)]
+    share = sum(int(ids[0]) >= 1000 for ids, _ in rows) / len(rows)
+    assert 0.15 < share < 0.35
+    assert all(torch.equal(a, b) for a, b in zip(mixed.batch(7, batch_size=8, dp_rank=0, dp_size=1)[:2],
+                                                 mixed.batch(7, batch_size=8, dp_rank=0, dp_size=1)[:2]))
+
+
+def test_copy_data_comes_from_the_base_run(tmp_path):
+    base, run = tmp_path / "base", tmp_path / "run"
+    with pytest.raises(ValueError, match="train.npy is missing; pass --copy 0"):
+        prepare_copy_data(run, base)
+    (base / "data").mkdir(parents=True)
+    np.save(base / "data" / "train.npy", np.arange(50, dtype=np.uint16))
+    prepare_copy_data(run, base)
+    assert np.load(run / "data" / "copy.npy").tolist() == list(range(50))
 
 
 def test_finish_stops_at_the_sentence_end():

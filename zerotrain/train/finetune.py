@@ -7,7 +7,8 @@ loads the pretrained run's latest checkpoint into the model only (saved at any Z
 size or tp degree: the checkpoint loader reshards) and starts a fresh optimizer; a run that has
 checkpoints of its own resumes from them, optimizer included.
 
-Loss on answer tokens only, normalised by the answer tokens of the *global* batch: each rank
+Loss on answer tokens only (the LM head runs on those positions alone: most positions of a
+fine-tuning batch are prompt or padding), normalised by the answer tokens of the *global* batch: each rank
 scales its local mean by (local answer tokens × dp / global answer tokens), so the averaged
 gradient is that of one process holding the whole batch, whatever the split over ranks.
 """
@@ -17,18 +18,19 @@ import json
 import logging
 import time
 
+import numpy as np
 import torch
 
 from zerotrain.data import load_tokenizer
 from zerotrain.data.tasks.prompts import IGNORE, Encoded
 from zerotrain.distributed import comm
 
-from .finetune_data import TaskMix, data_path, eval_batches
+from .finetune_data import TaskMix, copy_path, data_path, eval_batches
 from .finetune_options import read_finetune
 from .metrics import MetricsLog, Progress
 from .options import Options
 from .plots import plot_losses
-from .trainer import (StopFlag, TrainState, _checkpoint_api, build_model, build_optimizer, build_scheduler,
+from .trainer import (StopFlag, TrainState, _checkpoint_api, build_model, build_optimizer, lr_schedule_for,
                       ckpt_root, count_parameters, resume, save)
 
 log = logging.getLogger("zerotrain")
@@ -48,7 +50,7 @@ def _step(model, opt, sched, batch, *, stop, mesh) -> tuple[float, bool, object,
     x, y, global_tokens = batch
     lr = opt.param_groups[0]["lr"]
     local_tokens = int((y != IGNORE).sum())
-    loss = model(x, y) * (local_tokens * mesh.dp / global_tokens)
+    loss = model(x, y, labelled_only=True) * (local_tokens * mesh.dp / global_tokens)
     opt.scale_loss(loss).backward()
     info = opt.step()
     sched.step()
@@ -67,7 +69,7 @@ def heldout_loss(model, data: Encoded, *, examples: int, pad_id: int) -> float:
     total = count = 0.0
     for x, y in eval_batches(data, examples=examples, pad_id=pad_id):
         n = int((y != IGNORE).sum())
-        total += model(x, y).item() * n
+        total += model(x, y, labelled_only=True).item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -120,17 +122,19 @@ def finetune(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: 
     opt = build_optimizer(model, opts)
     state = TrainState()
     _start(model, opt, opts, spec, state)
-    sched = build_scheduler(opt, opts, step=state.step)
+    sched = lr_schedule_for(opt, opts, step=state.step)
     names = spec.tasks.names
+    copy_text = np.load(copy_path(opts.run_dir), mmap_mode="r") if spec.train.copy_share > 0 else None
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in names], spec.tasks.weight_list(),
-                  spec.train.seed, tokenizer.eot_id)
+                  spec.train.seed, tokenizer.eot_id, copy_text=copy_text, copy_share=spec.train.copy_share)
     tests = {n: Encoded.load(data_path(opts.run_dir, n, "test")) for n in names}
     metrics = MetricsLog(opts.run_dir, enabled=mesh.rank == 0, resume_step=state.step, tensorboard=tensorboard)
     if state.step < spec.train.steps:
         log.info("fine-tuning %s: %s parameters on %s (weights %s), ZeRO stage %d on %d rank(s) (dp %d x tp %d), "
-                 "%d steps x %d examples", opts.run_name, f"{count_parameters(model.config):,}", ",".join(names),
+                 "%d steps x %d examples (%.0f%% copying exercises)", opts.run_name,
+                 f"{count_parameters(model.config):,}", ",".join(names),
                  ",".join(f"{w:.2f}" for w in spec.tasks.weight_list()), opts.parallel.stage, mesh.world_size,
-                 mesh.dp, mesh.tp, spec.train.steps, spec.train.batch_size)
+                 mesh.dp, mesh.tp, spec.train.steps, spec.train.batch_size, 100 * spec.train.copy_share)
         _loop(model, opt, sched, opts=opts, spec=spec, mesh=mesh, mix=mix, tests=tests, state=state,
               metrics=metrics, stop=stop)
     if not state.interrupted:

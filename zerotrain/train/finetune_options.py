@@ -48,6 +48,7 @@ class FinetuneTrainOptions(_Section):
     ckpt_interval: NonNegInt = 100
     keep_last: PosInt | None = 2
     report_examples: NonNegInt = 200   # held-out examples per task in the final generated report
+    copy_share: Annotated[Real, Field(ge=0, lt=1)] = 0.25   # share of batch slots that are copying exercises
 
 
 def _ft_optim() -> OptimOptions:
