@@ -124,17 +124,18 @@ def finetune(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: 
     _start(model, opt, opts, spec, state)
     sched = lr_schedule_for(opt, opts, step=state.step)
     names = spec.tasks.names
-    copy_text = np.load(copy_path(opts.run_dir), mmap_mode="r") if spec.train.copy_share > 0 else None
+    t = spec.train
+    copy_text = np.load(copy_path(opts.run_dir), mmap_mode="r") if t.copy_share > 0 or t.copy_steps > 0 else None
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in names], spec.tasks.weight_list(),
-                  spec.train.seed, tokenizer.eot_id, copy_text=copy_text, copy_share=spec.train.copy_share)
+                  t.seed, tokenizer.eot_id, copy_text=copy_text, copy_share=t.copy_share, copy_steps=t.copy_steps)
     tests = {n: Encoded.load(data_path(opts.run_dir, n, "test")) for n in names}
     metrics = MetricsLog(opts.run_dir, enabled=mesh.rank == 0, resume_step=state.step, tensorboard=tensorboard)
     if state.step < spec.train.steps:
         log.info("fine-tuning %s: %s parameters on %s (weights %s), ZeRO stage %d on %d rank(s) (dp %d x tp %d), "
-                 "%d steps x %d examples (%.0f%% copying exercises)", opts.run_name,
+                 "%d steps x %d examples (the first %d copying exercises, then %.0f%% of each batch)", opts.run_name,
                  f"{count_parameters(model.config):,}", ",".join(names),
                  ",".join(f"{w:.2f}" for w in spec.tasks.weight_list()), opts.parallel.stage, mesh.world_size,
-                 mesh.dp, mesh.tp, spec.train.steps, spec.train.batch_size, 100 * spec.train.copy_share)
+                 mesh.dp, mesh.tp, t.steps, t.batch_size, t.copy_steps, 100 * t.copy_share)
         _loop(model, opt, sched, opts=opts, spec=spec, mesh=mesh, mix=mix, tests=tests, state=state,
               metrics=metrics, stop=stop)
     if not state.interrupted:

@@ -7,7 +7,7 @@ not fitting the context). ``TaskMix.batch(step)`` draws step ``step``'s global b
 so a resumed run replays the batches of an uninterrupted one. A rank takes its contiguous slice;
 rows are padded to the longest row of the *global* batch, so every rank runs the same shapes.
 
-Copying exercises: a share of the slots (``copy_share``) holds a span of the pretraining text
+Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold a span of the pretraining text
 written twice, with the loss on the repeat (its first token excluded: nothing predicts it). Both
 tasks copy from their input (an answer restates the question's subject, or lifts a sentence from
 the passage; a summary reuses the document's words), and a small model pretrained on a few million
@@ -76,7 +76,7 @@ def prepare_copy_data(run_dir: Path, base: Path) -> None:
         return
     if not source.is_file():
         raise UsageError(f"the copying exercises read the pretrained run's training tokens, but {source} is "
-                         "missing; pass --copy 0 to fine-tune without them")
+                         "missing; pass --copy-steps 0 --copy 0 to fine-tune without them")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(".copy.tmp.npy")
     shutil.copyfile(source, tmp)
@@ -100,9 +100,12 @@ class TaskMix:
     pad_id: int
     copy_text: np.ndarray | None = field(default=None, kw_only=True)
     copy_share: float = field(default=0.0, kw_only=True)
+    copy_steps: int = field(default=0, kw_only=True)      # the first steps hold copying exercises only
 
     def rows(self, step: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step, 7])))
+        if self.copy_text is not None and step < self.copy_steps:
+            return [copy_example(self.copy_text, rng) for _ in range(batch_size)]
         tasks = rng.choice(len(self.data), size=batch_size, p=self.weights)
         rows = [self.data[t].example(int(rng.integers(0, len(self.data[t])))) for t in tasks]
         if self.copy_share > 0 and self.copy_text is not None:
