@@ -22,7 +22,7 @@ from .inference import find_run, load_run
 from .options import Options, UsageError, build_options, check_launch
 
 FT_FLAGS = {  # flag -> (dotted option, type, help)
-    "--steps": ("train.steps", int, "optimizer steps (default 300)"),
+    "--steps": ("train.steps", int, "optimizer steps, copy warm-up included (default 3000)"),
     "--batch-size": ("train.batch_size", int, "global batch size in examples (default 32)"),
     "--lr": ("optim.lr", float, "peak learning rate (default 2e-3)"),
     "--seed": ("train.seed", int, "seed of the task mixing"),
