@@ -2,7 +2,8 @@
 at another one, and resumes exactly.
 
 A 2-layer, 64-wide GPT (block 96, 512-token tokenizer) is pretrained for 4 steps at ZeRO stage 1 on
-2 ranks. Three fine-tuning runs on qa + summarize (6 steps, fp32) start from that checkpoint:
+2 ranks. Three fine-tuning runs on qa + summarize (6 steps, fp32; copying exercises only in the first
+2 steps, then about a quarter of the rows) start from that checkpoint:
 
 * stage 0 on 1 rank and stage 3 on 2 ranks log the same losses (1e-5) and held-out answer losses;
 * the first loss equals the loss of the base checkpoint loaded into a plain single-process model on
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from harness import spawn
 
@@ -22,7 +24,7 @@ from zerotrain.data import load_corpus
 from zerotrain.data.corpus import join_books
 from zerotrain.train.options import build_options
 
-STEPS, STOP_AFTER = 6, 3
+STEPS, STOP_AFTER, COPY_STEPS = 6, 3, 2
 
 
 def base_options(root: str, corpus: str):
@@ -51,7 +53,8 @@ def ft_run(root: str, base, name: str, *, stage: int, nproc: int):
     spec = FinetuneOptions.model_validate({
         "base": str(Path(root) / "base"), "tasks": {"names": ["qa", "summarize"], "weights": {"qa": 2.0}},
         "parallel": {"stage": stage, "nproc": nproc}, "optim": {"warmup": 2},
-        "train": {"steps": STEPS, "batch_size": 4, "eval_interval": 4, "eval_examples": 8, "ckpt_interval": 0},
+        "train": {"steps": STEPS, "batch_size": 4, "eval_interval": 4, "eval_examples": 8, "ckpt_interval": 0,
+                  "copy_steps": COPY_STEPS},
         "run": {"name": name, "runs_dir": root}})
     opts = spec.effective(base)
     summary_cache(spec.run_dir)
@@ -87,12 +90,12 @@ def one_rank(mesh, root: str, runs: dict):
     from zerotrain.data import load_tokenizer
     from zerotrain.data.tasks.prompts import Encoded
     from zerotrain.train.finetune import finetune
-    from zerotrain.train.finetune_data import TaskMix, data_path
+    from zerotrain.train.finetune_data import TaskMix, copy_path, data_path
     from zerotrain.train.trainer import build_model
     opts = runs["s0"]
     tok = load_tokenizer(opts.run_dir / "tokenizer.json")
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in ("qa", "summarize")], [2 / 3, 1 / 3],
-                  opts.train.seed, tok.eot_id)
+                  opts.train.seed, tok.eot_id, copy_text=np.load(copy_path(opts.run_dir)), copy_share=0.25, copy_steps=COPY_STEPS)
     x, y, _ = mix.batch(0, batch_size=4, dp_rank=0, dp_size=1)
     losses = {}
     for loaded in (True, False):
@@ -101,8 +104,10 @@ def one_rank(mesh, root: str, runs: dict):
             checkpoint.load(Path(root) / "base", model=model)
         with torch.no_grad():
             losses[loaded] = model(x, y).item()
+    exercises = sum(plen == len(ids) // 2 + 1 and (ids[:plen - 1] == ids[plen - 1:]).all()
+                    for step in range(STEPS) for ids, plen in mix.rows(step, 4))
     state = finetune(mesh, opts, tensorboard=False)
-    return {"s0": (state.losses, state.results["heldout_answer_loss"]), "reference": losses}
+    return {"s0": (state.losses, state.results["heldout_answer_loss"]), "reference": losses, "exercises": exercises}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +135,10 @@ def test_stage3_on_two_ranks_equals_stage0_on_one(results):
     for task in heldout:
         assert heldout[task] == pytest.approx(ref_heldout[task], abs=1e-5)
     assert results["rank1"]["s3"] == results["s3"]
+
+
+def test_copying_exercises_are_in_the_batches(results):
+    assert COPY_STEPS * 4 < results["exercises"] < STEPS * 4
 
 
 def test_starts_from_the_base_saved_at_another_layout(results):

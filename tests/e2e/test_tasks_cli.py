@@ -69,6 +69,9 @@ BAD = [
      "unknown task 'summarise' in --tasks; did you mean 'summarize'?"),
     (lambda run, tmp: ["finetune", str(run), "--tasks", "qa", "--weights", "summarize=2"],
      "--weights names summarize, which --tasks qa does not train"),
+    (lambda run, tmp: ["finetune", str(run), "--steps", "100"], "train.copy_steps=1000 leaves none of the 100 steps"),
+    (lambda run, tmp: ["finetune", str(run), "--copy", "1.5"], "train.copy_share"),
+    (lambda run, tmp: ["finetune", str(run), "--tasks", "qa"], "train.npy is missing; pass --copy-steps 0 --copy 0"),
     (lambda run, tmp: ["eval", str(run), "--task", "q&a"], "unknown task 'q&a' in --task"),
     (lambda run, tmp: ["summarize", str(run), str(tmp / "missing.txt")], "document file not found"),
 ]

@@ -11,7 +11,7 @@ from zerotrain.data.tasks import check_tasks, prompts, qa, summaries
 from zerotrain.data.tasks.wordnet import clean_gloss, parse_data_line
 from zerotrain.model import GPT, get_config
 from zerotrain.train.answer import _finish, generate_answers
-from zerotrain.train.finetune_data import TaskMix
+from zerotrain.train.finetune_data import COPY_SPAN, TaskMix, copy_example, prepare_copy_data
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,45 @@ def test_task_mix_is_a_function_of_the_step_and_ranks_split_it(tokenizer):
     assert torch.equal(again[0], x) and torch.equal(again[1], y)
 
 
+def test_copying_exercises_repeat_a_span_and_label_the_repeat(tokenizer):
+    text = np.arange(1000, 1400, dtype=np.uint16)                  # every token distinct
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids, plen = copy_example(text, rng)
+        n = plen - 1
+        assert COPY_SPAN[0] <= n <= COPY_SPAN[1] and len(ids) == 2 * n
+        assert (ids[:n] == ids[n:]).all() and (np.diff(ids[:n]) == 1).all() and ids[0] in text
+        x, y = prompts.pad_batch([(ids, plen)], length=len(ids) - 1, pad_id=0)
+        assert y[0].tolist() == [-100] * n + ids[n + 1:].tolist()    # the repeat, from its second token
+    enc = [prompts.encode_pairs(tokenizer, [(prompts.qa_prompt(f"What is {w}?"), f" {w} is {w}.") for w in words],
+                                block_size=64)[0] for words in (["a", "bb", "ccc"], ["dddd", "eeeee"])]
+    plain = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0)
+    off = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0, copy_text=text, copy_share=0.0)
+    mixed = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0, copy_text=text, copy_share=0.25)
+    for step in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(plain.batch(step, batch_size=8, dp_rank=0, dp_size=1)[:2],
+                                                     off.batch(step, batch_size=8, dp_rank=0, dp_size=1)[:2]))
+    warm = TaskMix(enc, [0.5, 0.5], seed=3, pad_id=0, copy_text=text, copy_share=0.25, copy_steps=2)
+    assert all(int(ids[0]) >= 1000 for step in range(2) for ids, _ in warm.rows(step, 8))   # exercises only
+    assert all(torch.equal(a, b) for a, b in zip(warm.batch(2, batch_size=8, dp_rank=0, dp_size=1)[:2],
+                                                 mixed.batch(2, batch_size=8, dp_rank=0, dp_size=1)[:2]))
+    rows = [r for step in range(40) for r in mixed.rows(step, 8)]
+    share = sum(int(ids[0]) >= 1000 for ids, _ in rows) / len(rows)
+    assert 0.15 < share < 0.35
+    assert all(torch.equal(a, b) for a, b in zip(mixed.batch(7, batch_size=8, dp_rank=0, dp_size=1)[:2],
+                                                 mixed.batch(7, batch_size=8, dp_rank=0, dp_size=1)[:2]))
+
+
+def test_copy_data_comes_from_the_base_run(tmp_path):
+    base, run = tmp_path / "base", tmp_path / "run"
+    with pytest.raises(ValueError, match="train.npy is missing; pass --copy-steps 0 --copy 0"):
+        prepare_copy_data(run, base)
+    (base / "data").mkdir(parents=True)
+    np.save(base / "data" / "train.npy", np.arange(50, dtype=np.uint16))
+    prepare_copy_data(run, base)
+    assert np.load(run / "data" / "copy.npy").tolist() == list(range(50))
+
+
 def test_finish_stops_at_the_sentence_end():
     assert _finish(" The capital is Kabul. And more", sentence=True) == (" The capital is Kabul.", True)
     assert _finish("\n A line\nnext", sentence=False) == ("\n A line", True)
@@ -156,13 +195,42 @@ def test_batched_answers_equal_one_by_one_and_uncached_greedy(tokenizer):
     model = GPT(get_config("tiny", vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=64))
     texts = ["Question: What is a dog?\nAnswer:", "Question: What is a cat?\nAnswer:",
              "Question: Who was Kern?\nAnswer:"]
-    batched = generate_answers(model, tokenizer, texts, sentence=True, max_new_tokens=12)
-    single = [generate_answers(model, tokenizer, [t], sentence=True, max_new_tokens=12)[0] for t in texts]
-    assert batched == single
+    for no_repeat in (3, 0):
+        batched = generate_answers(model, tokenizer, texts, sentence=True, max_new_tokens=12, no_repeat=no_repeat)
+        single = [generate_answers(model, tokenizer, [t], sentence=True, max_new_tokens=12, no_repeat=no_repeat)[0]
+                  for t in texts]
+        assert batched == single
     ids = tokenizer.encode(texts[0])
     out = generate(model, torch.tensor([ids]), 12, greedy=True, use_cache=False)
     plain = tokenizer.decode(out[0, len(ids):].tolist())
     assert plain.strip().startswith(batched[0]) or _finish(plain, sentence=True)[0].strip() == batched[0]
+
+
+def test_no_generated_ngram_repeats(tokenizer):
+    """A random model loops under plain greedy decoding; with no_repeat=n no generated n-gram occurs
+    twice, while an n-gram of the prompt may still be generated once."""
+    from zerotrain.train.answer import NgramBlock, Stopper, decode_tokens
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=tokenizer.vocab_size, n_layer=1, n_embd=16, n_head=2, block_size=96))
+    stopper = Stopper(tokenizer)
+    stopper.may_stop[:] = False                                      # run every row to max_new
+    ids = [tokenizer.encode("Document: the cat sat on the mat\nSummary:"), tokenizer.encode("Document: a dog is\nSum:")]
+    ids[1] = ids[1][:len(ids[0])] + [0] * (len(ids[0]) - len(ids[1]))  # same length: one batch
+
+    def repeats(tokens, n):
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        return len(grams) - len(set(grams))
+    plain = decode_tokens(model, ids, max_new=40, stopper=stopper, sentence=False, no_repeat=0)
+    assert all(repeats(t, 3) > 0 for t in plain)                        # plain greedy repeats itself
+    for n in (2, 3):
+        out = decode_tokens(model, ids, max_new=40, stopper=stopper, sentence=False, no_repeat=n)
+        assert all(len(t) == 40 and repeats(t, n) == 0 for t in out), n
+    block = NgramBlock(1, 3)
+    gen = [5, 6, 7, 5]
+    for i in range(1, len(gen) + 1):
+        block.add(0, gen[:i])
+    logits = block.ban(torch.zeros(1, 10), [gen + [6]])                 # (5, 6) was followed by 7
+    assert logits[0, 7] == float("-inf") and torch.isfinite(logits[0, :7]).all() and torch.isfinite(logits[0, 8:]).all()
 
 
 def test_task_names():

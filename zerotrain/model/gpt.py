@@ -179,7 +179,11 @@ class GPT(nn.Module):
         return total
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache=None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache=None, start_pos: int = 0, labelled_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or with ``targets`` the mean cross-entropy over targets that are not
+        ``-100``. ``labelled_only=True`` runs the LM head on those positions alone (same loss, less
+        work when most positions are ignored, as in answer-only fine-tuning; the selection costs a
+        host sync on a GPU)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
         B, T = idx.shape
@@ -192,7 +196,11 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, kv_cache, start_pos)  # (B, T, C)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)  # (B, T, C)
+        if targets is not None and labelled_only:
+            keep = targets != self.loss_fn.ignore_index  # (B, T)
+            x, targets = x[keep].unsqueeze(0), targets[keep].unsqueeze(0)  # (1, N, C), (1, N)
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         return self.loss_fn(logits, targets)

@@ -5,6 +5,11 @@ Prompts of equal token length are decoded together (one KV cache per batch, no p
 gives exactly what one prompt alone would). A row stops at the end-of-text token, at a line
 break after some text, or (``sentence=True``) right after the first ``.``, ``!`` or ``?`` that ends a word; rows
 that stopped are carried along until the whole batch has.
+
+Greedy decoding of a small model falls into loops ("a person who is a person who is ..."), so by
+default no token n-gram (``no_repeat=3``) occurs twice in what a row generates: the token that
+would repeat one is never chosen. Copying from the prompt is not affected (only the generated
+tokens count), and every system decoded here (fine-tuned or zero-shot) uses the same rule.
 """
 from __future__ import annotations
 
@@ -43,30 +48,57 @@ class Stopper:
             self.may_stop[i] = i == tokenizer.eot_id or any(c in text for c in ".!?\n")
 
 
+class NgramBlock:
+    """Per row, the tokens that followed each (n-1)-gram already generated: choosing one of them
+    again would repeat an n-gram."""
+
+    def __init__(self, rows: int, n: int):
+        self.n, self.seen = n, [dict() for _ in range(rows)]
+
+    def ban(self, logits: torch.Tensor, out: list[list[int]]) -> torch.Tensor:
+        """``logits`` (B, V) with the repeating tokens of each row at -inf."""
+        if self.n < 1:
+            return logits
+        for r, gen in enumerate(out):
+            banned = self.seen[r].get(tuple(gen[len(gen) - self.n + 1:])) if len(gen) >= self.n - 1 else None
+            if banned:
+                logits[r, list(banned)] = float("-inf")
+        return logits
+
+    def add(self, r: int, gen: list[int]) -> None:
+        if 1 <= self.n <= len(gen):
+            self.seen[r].setdefault(tuple(gen[len(gen) - self.n:-1]), set()).add(gen[-1])
+
+
 @torch.no_grad()
-def _decode_batch(model, ids: list[list[int]], *, max_new: int, stopper: Stopper, sentence: bool) -> list[str]:
+def decode_tokens(model, ids: list[list[int]], *, max_new: int, stopper: Stopper, sentence: bool,
+                  no_repeat: int) -> list[list[int]]:
+    """The tokens each row generates, up to and including the one that stops it."""
     x = torch.tensor(ids, dtype=torch.long, device=next(model.parameters()).device)
     cache = KVCache.for_model(model, len(ids))
     out = [[] for _ in ids]
     done = [False] * len(ids)
+    block = NgramBlock(len(ids), no_repeat)
     logits = model(x, kv_cache=cache, start_pos=0)
     for step in range(max_new):
-        token = logits[:, -1, :].argmax(dim=-1)              # (B,)
+        token = block.ban(logits[:, -1, :].clone(), out).argmax(dim=-1)      # (B,)
         for r, t in enumerate(token.tolist()):
             if done[r]:
                 continue
             out[r].append(t)
+            block.add(r, out[r])
             if stopper.may_stop[t]:
                 done[r] = _finish(stopper.tokenizer.decode(out[r]), sentence=sentence)[1]
         if all(done) or step == max_new - 1:
             break
         logits = model(token.unsqueeze(1), kv_cache=cache, start_pos=x.size(1) + step)
-    return [_finish(stopper.tokenizer.decode(o), sentence=sentence)[0].strip() for o in out]
+    return out
 
 
 def generate_answers(model, tokenizer, prompt_texts: list[str], *, sentence: bool, max_new_tokens: int = 48,
-                     batch_size: int = 32, stopper: Stopper | None = None) -> list[str]:
-    """Greedy continuation of each prompt, cut at its stop; prompts must fit the context."""
+                     batch_size: int = 32, stopper: Stopper | None = None, no_repeat: int = 3) -> list[str]:
+    """Greedy continuation of each prompt, cut at its stop, no generated ``no_repeat``-gram twice
+    (0: no such rule); prompts must fit the context."""
     stopper = stopper or Stopper(tokenizer)
     block = model.config.block_size
     encoded = tokenizer.encode_batch(prompt_texts)
@@ -82,10 +114,10 @@ def generate_answers(model, tokenizer, prompt_texts: list[str], *, sentence: boo
         for length, members in sorted(groups.items()):
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                texts = _decode_batch(model, [encoded[i] for i in chunk], max_new=min(max_new_tokens, block - length),
-                                      stopper=stopper, sentence=sentence)
-                for i, text in zip(chunk, texts):
-                    answers[i] = text
+                out = decode_tokens(model, [encoded[i] for i in chunk], max_new=min(max_new_tokens, block - length),
+                                    stopper=stopper, sentence=sentence, no_repeat=no_repeat)
+                for i, tokens in zip(chunk, out):
+                    answers[i] = _finish(tokenizer.decode(tokens), sentence=sentence)[0].strip()
     finally:
         model.train(was_training)
     return answers

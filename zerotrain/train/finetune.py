@@ -7,7 +7,8 @@ loads the pretrained run's latest checkpoint into the model only (saved at any Z
 size or tp degree: the checkpoint loader reshards) and starts a fresh optimizer; a run that has
 checkpoints of its own resumes from them, optimizer included.
 
-Loss on answer tokens only, normalised by the answer tokens of the *global* batch: each rank
+Loss on answer tokens only (the LM head runs on those positions alone: most positions of a
+fine-tuning batch are prompt or padding), normalised by the answer tokens of the *global* batch: each rank
 scales its local mean by (local answer tokens × dp / global answer tokens), so the averaged
 gradient is that of one process holding the whole batch, whatever the split over ranks.
 """
@@ -17,13 +18,14 @@ import json
 import logging
 import time
 
+import numpy as np
 import torch
 
 from zerotrain.data import load_tokenizer
 from zerotrain.data.tasks.prompts import IGNORE, Encoded
 from zerotrain.distributed import comm
 
-from .finetune_data import TaskMix, data_path, eval_batches
+from .finetune_data import TaskMix, copy_path, data_path, eval_batches
 from .finetune_options import read_finetune
 from .metrics import MetricsLog, Progress
 from .options import Options
@@ -50,7 +52,7 @@ def _step(model, opt, sched, batch, *, stop, mesh) -> tuple[float, bool, object,
     x, y = to_device(x, mesh.device), to_device(y, mesh.device)
     lr = opt.param_groups[0]["lr"]
     local_tokens = int((y != IGNORE).sum())
-    loss = model(x, y) * (local_tokens * mesh.dp / global_tokens)
+    loss = model(x, y, labelled_only=True) * (local_tokens * mesh.dp / global_tokens)
     opt.scale_loss(loss).backward()
     info = opt.step()
     sched.step()
@@ -70,7 +72,7 @@ def heldout_loss(model, data: Encoded, *, examples: int, pad_id: int) -> float:
     for x, y in eval_batches(data, examples=examples, pad_id=pad_id):
         x, y = to_device(x, device_of(model)), to_device(y, device_of(model))
         n = int((y != IGNORE).sum())
-        total += model(x, y).item() * n
+        total += model(x, y, labelled_only=True).item() * n
         count += n
     model.train(was_training)
     return total / max(count, 1)
@@ -125,15 +127,18 @@ def finetune(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: 
     _start(model, opt, opts, spec, state)
     sched = lr_schedule_for(opt, opts, step=state.step)
     names = spec.tasks.names
+    t = spec.train
+    copy_text = np.load(copy_path(opts.run_dir), mmap_mode="r") if t.copy_share > 0 or t.copy_steps > 0 else None
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in names], spec.tasks.weight_list(),
-                  spec.train.seed, tokenizer.eot_id)
+                  t.seed, tokenizer.eot_id, copy_text=copy_text, copy_share=t.copy_share, copy_steps=t.copy_steps)
     tests = {n: Encoded.load(data_path(opts.run_dir, n, "test")) for n in names}
     metrics = MetricsLog(opts.run_dir, enabled=mesh.rank == 0, resume_step=state.step, tensorboard=tensorboard)
     if state.step < spec.train.steps:
         log.info("fine-tuning %s: %s parameters on %s (weights %s), ZeRO stage %d on %d rank(s) (dp %d x tp %d), "
-                 "%d steps x %d examples", opts.run_name, f"{count_parameters(model.config):,}", ",".join(names),
+                 "%d steps x %d examples (the first %d copying exercises, then %.0f%% of each batch)", opts.run_name,
+                 f"{count_parameters(model.config):,}", ",".join(names),
                  ",".join(f"{w:.2f}" for w in spec.tasks.weight_list()), opts.parallel.stage, mesh.world_size,
-                 mesh.dp, mesh.tp, spec.train.steps, spec.train.batch_size)
+                 mesh.dp, mesh.tp, t.steps, t.batch_size, t.copy_steps, 100 * t.copy_share)
         _loop(model, opt, sched, opts=opts, spec=spec, mesh=mesh, mix=mix, tests=tests, state=state,
               metrics=metrics, stop=stop)
     if not state.interrupted:

@@ -6,12 +6,21 @@ not fitting the context). ``TaskMix.batch(step)`` draws step ``step``'s global b
 (seed, step) alone: each slot picks a task by the weights, then an example of that task uniformly,
 so a resumed run replays the batches of an uninterrupted one. A rank takes its contiguous slice;
 rows are padded to the longest row of the *global* batch, so every rank runs the same shapes.
+
+Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold a span of the pretraining text
+written twice, with the loss on the repeat (its first token excluded: nothing predicts it). Both
+tasks copy from their input (an answer restates the question's subject, or lifts a sentence from
+the passage; a summary reuses the document's words), and a small model pretrained on a few million
+tokens cannot yet copy (the repeat of a span is predicted no better than the span itself); the
+exercises teach it. The spans come from the base run's training tokens, copied into
+``<run>/data/copy.npy`` by ``prepare_copy_data``.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +62,56 @@ def prepare_task_data(run_dir: Path, tasks: list[str], tokenizer, *, block_size:
     return meta
 
 
+COPY_SPAN = (4, 32)                  # span lengths of the copying exercises, in tokens (inclusive)
+
+
+def copy_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "data" / "copy.npy"
+
+
+def prepare_copy_data(run_dir: Path, base: Path) -> None:
+    """Copy the base run's training tokens to ``<run>/data/copy.npy`` (the exercises' text)."""
+    source, target = Path(base) / "data" / "train.npy", copy_path(run_dir)
+    if target.is_file():
+        return
+    if not source.is_file():
+        raise UsageError(f"the copying exercises read the pretrained run's training tokens, but {source} is "
+                         "missing; pass --copy-steps 0 --copy 0 to fine-tune without them")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(".copy.tmp.npy")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+
+
+def copy_example(text: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A span of ``text`` written twice, as (tokens, prompt length): the loss covers the repeat
+    from its second token on."""
+    n = int(rng.integers(COPY_SPAN[0], COPY_SPAN[1] + 1))
+    start = int(rng.integers(0, len(text) - n + 1))
+    span = np.asarray(text[start:start + n], dtype=np.int64)
+    return np.concatenate([span, span]), n + 1
+
+
 @dataclass
 class TaskMix:
     data: list[Encoded]
     weights: list[float]
     seed: int
     pad_id: int
+    copy_text: np.ndarray | None = field(default=None, kw_only=True)
+    copy_share: float = field(default=0.0, kw_only=True)
+    copy_steps: int = field(default=0, kw_only=True)      # the first steps hold copying exercises only
 
     def rows(self, step: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step, 7])))
+        if self.copy_text is not None and step < self.copy_steps:
+            return [copy_example(self.copy_text, rng) for _ in range(batch_size)]
         tasks = rng.choice(len(self.data), size=batch_size, p=self.weights)
-        return [self.data[t].example(int(rng.integers(0, len(self.data[t])))) for t in tasks]
+        rows = [self.data[t].example(int(rng.integers(0, len(self.data[t])))) for t in tasks]
+        if self.copy_share > 0 and self.copy_text is not None:
+            exercise = rng.random(batch_size) < self.copy_share
+            rows = [copy_example(self.copy_text, rng) if e else r for e, r in zip(exercise, rows)]
+        return rows
 
     def batch(self, step: int, *, batch_size: int, dp_rank: int, dp_size: int):
         """(x, y, answer tokens in the global batch) for this rank."""

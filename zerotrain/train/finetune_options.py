@@ -39,15 +39,24 @@ class TaskOptions(_Section):
 
 
 class FinetuneTrainOptions(_Section):
-    steps: PosInt = 300
+    steps: PosInt = 3000
     batch_size: PosInt = 32            # global: examples per optimizer step
     seed: NonNegInt = 1337
     log_interval: PosInt = 10
-    eval_interval: NonNegInt = 100     # held-out answer loss every this many steps (0: only at the end)
+    eval_interval: NonNegInt = 500     # held-out answer loss every this many steps (0: only at the end)
     eval_examples: PosInt = 64         # held-out examples per task for that loss
-    ckpt_interval: NonNegInt = 100
+    ckpt_interval: NonNegInt = 500
     keep_last: PosInt | None = 2
     report_examples: NonNegInt = 200   # held-out examples per task in the final generated report
+    copy_steps: NonNegInt = 1000       # the first steps: copying exercises only (part of ``steps``)
+    copy_share: Annotated[Real, Field(ge=0, lt=1)] = 0.25   # then this share of the slots
+
+    @model_validator(mode="after")
+    def _copy_fits(self):
+        if self.copy_steps >= self.steps:
+            raise ValueError(f"train.copy_steps={self.copy_steps} leaves none of the {self.steps} steps to the tasks; "
+                             f"use --copy-steps below --steps (e.g. --copy-steps {self.steps // 3})")
+        return self
 
 
 def _ft_optim() -> OptimOptions:

@@ -22,7 +22,7 @@ from .inference import find_run, load_run
 from .options import Options, UsageError, build_options, check_launch
 
 FT_FLAGS = {  # flag -> (dotted option, type, help)
-    "--steps": ("train.steps", int, "optimizer steps (default 300)"),
+    "--steps": ("train.steps", int, "optimizer steps, copy warm-up included (default 3000)"),
     "--batch-size": ("train.batch_size", int, "global batch size in examples (default 32)"),
     "--lr": ("optim.lr", float, "peak learning rate (default 2e-3)"),
     "--seed": ("train.seed", int, "seed of the task mixing"),
@@ -30,6 +30,8 @@ FT_FLAGS = {  # flag -> (dotted option, type, help)
     "--nproc": ("parallel.nproc", int, "local processes (default 2)"),
     "--tp": ("parallel.tp", int, "tensor-parallel degree (default 1)"),
     "--precision": ("parallel.precision", str, "fp32 (default), bf16 or fp16"),
+    "--copy-steps": ("train.copy_steps", int, "first steps of copying exercises only (default 1000; part of --steps)"),
+    "--copy": ("train.copy_share", float, "then the share of each batch that are copying exercises (default 0.25)"),
     "--report-examples": ("train.report_examples", int, "held-out examples per task in the final report (default 200)"),
 }
 
@@ -110,7 +112,7 @@ def setup_finetune(spec: FinetuneOptions, opts: Options, *, fresh: bool) -> None
     from zerotrain.data import load_tokenizer
     from zerotrain.model import get_config
 
-    from .finetune_data import prepare_task_data
+    from .finetune_data import prepare_copy_data, prepare_task_data
     run_dir = spec.run_dir
     if fresh and run_dir.is_dir():
         if any(run_dir.iterdir()) and not (run_dir / "finetune.json").is_file():
@@ -124,6 +126,8 @@ def setup_finetune(spec: FinetuneOptions, opts: Options, *, fresh: bool) -> None
     (run_dir / "finetune.json").write_text(spec.model_dump_json(indent=1), encoding="utf-8")
     (run_dir / "options.json").write_text(opts.model_dump_json(indent=1), encoding="utf-8")
     block = get_config(opts.model.preset, vocab_size=opts.data.vocab_size, **opts.model_overrides()).block_size
+    if spec.train.copy_share > 0 or spec.train.copy_steps > 0:
+        prepare_copy_data(run_dir, Path(spec.base))
     prepare_task_data(run_dir, spec.tasks.names, load_tokenizer(run_dir / "tokenizer.json"), block_size=block)
 
 
