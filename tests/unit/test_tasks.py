@@ -233,6 +233,61 @@ def test_no_generated_ngram_repeats(tokenizer):
     assert logits[0, 7] == float("-inf") and torch.isfinite(logits[0, :7]).all() and torch.isfinite(logits[0, 8:]).all()
 
 
+def _reference_beam(model, ids, *, beams, max_new, stopper, sentence, no_repeat, length_penalty):
+    """Beam search written plainly: every step recomputes each hypothesis from its whole sequence
+    (no KV cache), one prompt at a time."""
+    from zerotrain.train.answer import repeating_tokens
+    live, done = [(0.0, [])], []
+    for _ in range(max_new):
+        cand = []
+        for s, g in live:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids + g]))[0, -1].float(), -1)
+            logp[repeating_tokens(g, no_repeat)] = float("-inf")
+            cand += [(s + v, g + [i]) for v, i in zip(*map(torch.Tensor.tolist, logp.topk(2 * beams)))]
+        cand.sort(key=lambda c: -c[0])
+        live = []
+        for s, g in cand[:2 * beams]:
+            if len(live) == beams or s == float("-inf"):
+                break
+            if stopper.may_stop[g[-1]] and _finish(stopper.tokenizer.decode(g), sentence=sentence)[1]:
+                done.append((s / len(g) ** length_penalty, g))
+            else:
+                live.append((s, g))
+        if len(done) >= beams or not live:
+            break
+    pool = done or [(s / len(g) ** length_penalty, g) for s, g in live]
+    return max(pool, key=lambda c: c[0])[1]
+
+
+def test_beam_search_equals_plain_beam_search_and_greedy_at_one_beam(tokenizer):
+    """Batched beam search over one reordered KV cache gives, per prompt, the hypothesis a plain
+    uncached beam search finds; one beam is greedy decoding."""
+    from zerotrain.train.answer import Stopper, beam_tokens, decode_tokens
+    torch.manual_seed(0)
+    model = GPT(get_config("tiny", vocab_size=tokenizer.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=96))
+    model.eval()
+    stopper = Stopper(tokenizer)
+    texts = ["Question: What is a dog?\nAnswer:", "Question: What is a cat?\nAnswer:",
+             "Question: Who was Kern?\nAnswer:"]
+    ids = [tokenizer.encode(t) for t in texts]
+    width = min(map(len, ids))
+    ids = [i[:width] for i in ids]                                        # one batch: equal lengths
+    for sentence, no_repeat in ((True, 3), (False, 2)):
+        greedy = decode_tokens(model, ids, max_new=24, stopper=stopper, sentence=sentence, no_repeat=no_repeat)
+        one = beam_tokens(model, ids, beams=1, max_new=24, stopper=stopper, sentence=sentence, no_repeat=no_repeat)
+        assert one == greedy
+        for beams, lp in ((3, 1.0), (4, 0.5)):
+            got = beam_tokens(model, ids, beams=beams, max_new=24, stopper=stopper, sentence=sentence,
+                              no_repeat=no_repeat, length_penalty=lp)
+            want = [_reference_beam(model, i, beams=beams, max_new=24, stopper=stopper, sentence=sentence,
+                                    no_repeat=no_repeat, length_penalty=lp) for i in ids]
+            assert got == want, (beams, lp)
+            assert got != greedy                         # the search finds other answers than greedy
+    with pytest.raises(ValueError, match="beams must be a positive int"):
+        generate_answers(model, tokenizer, texts[:1], sentence=True, beams=0)
+
+
 def test_task_names():
     assert check_tasks("qa,summarize") == ["qa", "summarize"]
     with pytest.raises(ValueError, match="unknown task 'summarise' in --tasks; did you mean 'summarize'"):

@@ -37,6 +37,14 @@ class KVCache:
     def reset(self) -> None:
         self.lengths = [0] * self.n_layer
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row ``i`` of the cache becomes what row ``rows[i]`` held (beam search keeps the rows of
+        the hypotheses it extends)."""
+        for layer in range(self.n_layer):
+            if self.k[layer] is not None:
+                self.k[layer] = self.k[layer].index_select(0, rows)
+                self.v[layer] = self.v[layer].index_select(0, rows)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
         """Write k, v (B, H, T, hd) at ``start_pos``; return the cached (B, H, start_pos+T, hd)."""
         B, H, T, hd = k.shape

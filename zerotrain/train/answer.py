@@ -95,10 +95,90 @@ def decode_tokens(model, ids: list[list[int]], *, max_new: int, stopper: Stopper
     return out
 
 
+def repeating_tokens(gen: list[int], n: int) -> list[int]:
+    """The tokens that would make ``gen`` hold some ``n``-gram twice (none when ``n`` < 1)."""
+    if n < 1 or len(gen) < n - 1:
+        return []
+    tail = tuple(gen[len(gen) - n + 1:])
+    return [gen[j + n - 1] for j in range(len(gen) - n + 1) if tuple(gen[j:j + n - 1]) == tail]
+
+
+@torch.no_grad()
+def beam_tokens(model, ids: list[list[int]], *, beams: int, max_new: int, stopper: Stopper, sentence: bool,
+                no_repeat: int, length_penalty: float = 1.0) -> list[list[int]]:
+    """Beam search: per prompt, the generated tokens of the hypothesis with the best
+    log-probability / length**``length_penalty`` among those that stopped (those still open when
+    ``max_new`` is reached, if none did).
+
+    Each prompt keeps ``beams`` open hypotheses, rows ``b * beams + k`` of one KV cache that is
+    reordered as hypotheses are extended. At every step the ``2 * beams`` best extensions of a
+    prompt are taken in order: one that stops the answer joins the finished list, the others
+    refill the open beams. A prompt is done once ``beams`` hypotheses have finished. With
+    ``beams=1`` this is exactly greedy decoding (``decode_tokens``).
+    """
+    B, K = len(ids), beams
+    device = next(model.parameters()).device
+    x = torch.tensor(ids, dtype=torch.long, device=device).repeat_interleave(K, dim=0)   # (B*K, T)
+    cache = KVCache.for_model(model, B * K)
+    logits = model(x, kv_cache=cache, start_pos=0)[:, -1, :]                          # (B*K, V)
+    V = logits.size(-1)
+    score = torch.full((B, K), float("-inf"))
+    score[:, 0] = 0.0                                   # at first the beams of a prompt are identical
+    gen: list[list[int]] = [[] for _ in range(B * K)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    open_ = [True] * B
+
+    def stops(seq: list[int]) -> bool:
+        return bool(stopper.may_stop[seq[-1]]) and _finish(stopper.tokenizer.decode(seq), sentence=sentence)[1]
+
+    for step in range(max_new):
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for r, g in enumerate(gen):
+            banned = repeating_tokens(g, no_repeat)
+            if banned:
+                logp[r, banned] = float("-inf")
+        top, idx = (score.view(-1, 1) + logp).view(B, K * V).topk(2 * K, dim=-1)         # (B, 2K)
+        rows, tokens, scores = [], [], []
+        for b in range(B):
+            chosen: list[tuple[float, int, int]] = []
+            if open_[b]:
+                for s, i in zip(top[b].tolist(), idx[b].tolist()):
+                    if s == float("-inf") or len(chosen) == K:
+                        break
+                    row, tok = b * K + i // V, i % V
+                    seq = gen[row] + [tok]
+                    if stops(seq):
+                        finished[b].append((s / len(seq) ** length_penalty, seq))
+                    else:
+                        chosen.append((s, row, tok))
+                open_[b] = len(finished[b]) < K and bool(chosen)
+            if not open_[b]:
+                chosen = []
+            chosen += [(float("-inf"), b * K, stopper.tokenizer.eot_id)] * (K - len(chosen))
+            for s, row, tok in chosen:
+                scores.append(s), rows.append(row), tokens.append(tok)
+        gen = [gen[r] + [t] for r, t in zip(rows, tokens)]
+        score = torch.tensor(scores).view(B, K)
+        if not any(open_) or step == max_new - 1:
+            break
+        cache.reorder(torch.tensor(rows, device=device))
+        logits = model(torch.tensor(tokens, device=device).unsqueeze(1), kv_cache=cache,
+                       start_pos=x.size(1) + step)[:, -1, :]
+    best = []
+    for b in range(B):
+        pool = finished[b] or [(score[b, k].item() / len(gen[b * K + k]) ** length_penalty, gen[b * K + k])
+                               for k in range(K) if score[b, k] > float("-inf")]
+        best.append(max(pool, key=lambda c: c[0])[1] if pool else [])
+    return best
+
+
 def generate_answers(model, tokenizer, prompt_texts: list[str], *, sentence: bool, max_new_tokens: int = 48,
-                     batch_size: int = 32, stopper: Stopper | None = None, no_repeat: int = 3) -> list[str]:
-    """Greedy continuation of each prompt, cut at its stop, no generated ``no_repeat``-gram twice
-    (0: no such rule); prompts must fit the context."""
+                     batch_size: int = 32, stopper: Stopper | None = None, no_repeat: int = 3,
+                     beams: int = 1, length_penalty: float = 1.0) -> list[str]:
+    """Greedy (``beams=1``) or beam-search continuation of each prompt, cut at its stop, no
+    generated ``no_repeat``-gram twice (0: no such rule); prompts must fit the context."""
+    if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+        raise ValueError(f"beams must be a positive int (1: greedy), got {beams!r}")
     stopper = stopper or Stopper(tokenizer)
     block = model.config.block_size
     encoded = tokenizer.encode_batch(prompt_texts)
@@ -114,8 +194,13 @@ def generate_answers(model, tokenizer, prompt_texts: list[str], *, sentence: boo
         for length, members in sorted(groups.items()):
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
-                out = decode_tokens(model, [encoded[i] for i in chunk], max_new=min(max_new_tokens, block - length),
-                                    stopper=stopper, sentence=sentence, no_repeat=no_repeat)
+                rows, max_new = [encoded[i] for i in chunk], min(max_new_tokens, block - length)
+                if beams == 1:
+                    out = decode_tokens(model, rows, max_new=max_new, stopper=stopper, sentence=sentence,
+                                        no_repeat=no_repeat)
+                else:
+                    out = beam_tokens(model, rows, beams=beams, max_new=max_new, stopper=stopper, sentence=sentence,
+                                      no_repeat=no_repeat, length_penalty=length_penalty)
                 for i, tokens in zip(chunk, out):
                     answers[i] = _finish(tokenizer.decode(tokens), sentence=sentence)[0].strip()
     finally:
