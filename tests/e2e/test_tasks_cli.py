@@ -51,6 +51,12 @@ def test_ask_and_summarize_answer(run, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", open(doc))
     assert main(["summarize", str(run), "-", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().err == ""
+    for beams in ("1", "3"):                                   # greedy and beam search, either command
+        assert main(["ask", str(run), "Who was Kern?", "--max-new-tokens", "4", "--beams", beams]) == 0
+        monkeypatch.setattr("sys.stdin", open(doc))
+        assert main(["summarize", str(run), "-", "--max-new-tokens", "3", "--beams", beams,
+                     "--length-penalty", "0.5"]) == 0
+        assert capsys.readouterr().err == ""
 
 
 def _long(tmp_path) -> str:
@@ -74,6 +80,8 @@ BAD = [
     (lambda run, tmp: ["finetune", str(run), "--tasks", "qa"], "train.npy is missing; pass --copy-steps 0 --copy 0"),
     (lambda run, tmp: ["eval", str(run), "--task", "q&a"], "unknown task 'q&a' in --task"),
     (lambda run, tmp: ["summarize", str(run), str(tmp / "missing.txt")], "document file not found"),
+    (lambda run, tmp: ["ask", str(run), "What is a dog?", "--beams", "0"], "--beams 0: must be >= 1 (1 is greedy)"),
+    (lambda run, tmp: ["eval", str(run), "--task", "qa", "--length-penalty", "-1"], "--length-penalty -1.0: must be >= 0"),
 ]
 
 

@@ -1,8 +1,9 @@
 """``zerotrain ask RUN "question" [--passage FILE]`` and ``zerotrain summarize RUN FILE|-``.
 
-Both load the run's latest checkpoint in one process and generate greedily with the KV cache, all
-questions (documents) in one batched call; answers stop at the end of their first sentence,
-summaries at the end of their line. Every input is checked before the model is loaded.
+Both load the run's latest checkpoint in one process and generate with the KV cache, all questions
+(documents) in one batched call: answers greedily, summaries by beam search (``--beams``,
+``--length-penalty`` change either); answers stop at the end of their first sentence, summaries
+at the end of their line. Every input is checked before the model is loaded.
 """
 from __future__ import annotations
 
@@ -24,7 +25,24 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help=what)
     p.add_argument("--runs-dir", default="runs", help="where runs live (default ./runs)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    add_decoding_flags(p, prog)
     return p
+
+
+def add_decoding_flags(p: argparse.ArgumentParser, task: str) -> None:
+    from .answer import DECODING
+    d = DECODING["qa" if task == "ask" else task]
+    p.add_argument("--beams", type=int, default=None,
+                   help=f"beam width, 1 for greedy (default {d['beams']})")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help=f"a finished beam's score is log-probability / length**this (default {d['length_penalty']})")
+
+
+def check_decoding(args) -> None:
+    if args.beams is not None and args.beams < 1:
+        raise UsageError(f"--beams {args.beams}: must be >= 1 (1 is greedy)")
+    if args.length_penalty is not None and not args.length_penalty >= 0:
+        raise UsageError(f"--length-penalty {args.length_penalty}: must be >= 0 (0 ranks beams by log-probability alone)")
 
 
 def _read(path: str, what: str) -> str:
@@ -53,12 +71,13 @@ def _load(args):
     configure_logging(0, quiet=True)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    check_decoding(args)
     opts, _, tokenizer, model, _ = load_run(args.run, args.runs_dir)
     return tokenizer, model
 
 
 def cli_ask(argv: list[str]) -> int:
-    from .answer import generate_answers
+    from .answer import decoding, generate_answers
     p = _parser("ask", "one or more questions")
     p.add_argument("--passage", default=None, help="a text file (or -) the answers should come from")
     args = p.parse_args(argv)
@@ -78,14 +97,15 @@ def cli_ask(argv: list[str]) -> int:
     except UsageError as e:
         print(f"zerotrain ask: error: {e}", file=sys.stderr)
         return 2
-    answers = generate_answers(model, tokenizer, texts, sentence=True, max_new_tokens=args.max_new_tokens)
+    answers = generate_answers(model, tokenizer, texts, sentence=True, max_new_tokens=args.max_new_tokens,
+                               **decoding("qa", args.beams, args.length_penalty))
     for q, a in zip(args.inputs, answers):
         print(a if len(args.inputs) == 1 else f"Q: {q}\nA: {a}")
     return 0
 
 
 def cli_summarize(argv: list[str]) -> int:
-    from .answer import generate_answers
+    from .answer import decoding, generate_answers
     args = _parser("summarize", "text files to summarize, - for standard input").parse_args(argv)
     try:
         docs = [_read(path, "document") for path in args.inputs]
@@ -100,7 +120,8 @@ def cli_summarize(argv: list[str]) -> int:
     except UsageError as e:
         print(f"zerotrain summarize: error: {e}", file=sys.stderr)
         return 2
-    summaries = generate_answers(model, tokenizer, texts, sentence=False, max_new_tokens=args.max_new_tokens)
+    summaries = generate_answers(model, tokenizer, texts, sentence=False, max_new_tokens=args.max_new_tokens,
+                                 **decoding("summarize", args.beams, args.length_penalty))
     for path, s in zip(args.inputs, summaries):
         print(s if len(args.inputs) == 1 else f"{path}: {s}")
     return 0

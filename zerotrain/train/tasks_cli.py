@@ -180,7 +180,8 @@ def _load(run: str, runs_dir: str):
     return opts, tokenizer, model, step
 
 
-def report(run_dir: Path, tasks: list[str], *, examples: int | None, base: Path | None) -> dict:
+def report(run_dir: Path, tasks: list[str], *, examples: int | None, base: Path | None,
+           beams: int | None = None, length_penalty: float | None = None) -> dict:
     """Evaluate a run on ``tasks`` beside the baselines (``base``: the pretrained run, zero-shot);
     print the report and add it to ``results.json``."""
     from .spawn import configure_logging
@@ -192,7 +193,7 @@ def report(run_dir: Path, tasks: list[str], *, examples: int | None, base: Path 
     results = {}
     for task in tasks:
         results[task] = evaluate_task(task, model, tokenizer, run_dir=run_dir, examples=examples,
-                                      base_model=base_model)
+                                      base_model=base_model, beams=beams, length_penalty=length_penalty)
         print(format_task(results[task]))
     path = run_dir / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
@@ -211,8 +212,14 @@ def cli_eval(argv: list[str]) -> int:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--task", required=True, help="qa or summarize")
     p.add_argument("--examples", type=int, default=200, help="held-out examples (default 200; 0 for all)")
+    p.add_argument("--beams", type=int, default=None, help="beam width, 1 for greedy (default: the task's, "
+                   "greedy answers and 8-beam summaries)")
+    p.add_argument("--length-penalty", type=float, default=None, help="finished beams rank by log-probability / "
+                   "length**this (default 1)")
     args = p.parse_args(argv)
     try:
+        from .answer_cli import check_decoding
+        check_decoding(args)
         from zerotrain.data.tasks import check_tasks
         try:
             task = check_tasks([args.task])[0]
@@ -227,5 +234,6 @@ def cli_eval(argv: list[str]) -> int:
             base = None
     except UsageError as e:
         return _fail("eval", str(e))
-    report(run_dir, [task], examples=args.examples or None, base=base)
+    report(run_dir, [task], examples=args.examples or None, base=base, beams=args.beams,
+           length_penalty=args.length_penalty)
     return 0
