@@ -7,19 +7,19 @@ not fitting the context). ``TaskMix.batch(step)`` draws step ``step``'s global b
 so a resumed run replays the batches of an uninterrupted one. A rank takes its contiguous slice;
 rows are padded to the longest row of the *global* batch, so every rank runs the same shapes.
 
-Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold a span of the pretraining text
-written twice, with the loss on the repeat (its first token excluded: nothing predicts it). Both
+Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold
+a span of the pretraining text written twice, with the loss on the repeat (its first token
+excluded: nothing predicts it). Both
 tasks copy from their input (an answer restates the question's subject, or lifts a sentence from
 the passage; a summary reuses the document's words), and a small model pretrained on a few million
 tokens cannot yet copy (the repeat of a span is predicted no better than the span itself); the
 exercises teach it. The spans come from the base run's training tokens, copied into
 ``<run>/data/copy.npy`` by ``prepare_copy_data``.
 
-Restating exercises (when ``qa`` is among the tasks): a share of the copying slots (``restate_share``,
-half by default) hold a training
-question whose subject is replaced by one or two words drawn from the pretraining text ("What is
-an orchard part of?"), the target being the answer up to its restated subject ("An orchard") and no
-further. A question's subject is the one part of the answer that must be copied rather than
+Restating exercises (when ``qa`` is among the tasks): a share of the exercise slots
+(``restate_share``, half by default) hold a training question whose subject is replaced by one or
+two words drawn from the pretraining text ("What is an orchard part of?"), the target being the
+answer up to its restated subject ("An orchard") and no further. A question's subject is the one part of the answer that must be copied rather than
 recalled, and the first of its tokens follows no copy of itself (the question has "a windowsill",
 the answer "A windowsill"): a model trained on real questions alone learns the frequent subjects
 and misspells the rare ones. ``prepare_restating_data`` writes ``<run>/data/restate.npz``.
