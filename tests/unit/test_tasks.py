@@ -182,50 +182,6 @@ def test_copy_data_comes_from_the_base_run(tmp_path):
     assert np.load(run / "data" / "copy.npy").tolist() == list(range(50))
 
 
-def test_restating_swaps_the_subject_with_agreeing_articles():
-    from zerotrain.train.finetune_data import restate
-    kinds = {e.kind: e for e in qa.examples("train", passages="none")}
-    assert restate(qa.QAExample("What is a heel part of?", "A heel is part of shoe.", "heel", "part"), "orchard") == \
-        ("What is an orchard part of?", "An orchard")
-    assert restate(qa.QAExample("Who was Oersted?", "Oersted was a physicist.", "Oersted", "person"), "Moses") == \
-        ("Who was Moses?", "Moses")
-    assert restate(qa.QAExample("What is the opposite of bright?", "The opposite of bright is dull.", "bright",
-                                "antonym"), "opposite") == ("What is the opposite of opposite?", "The opposite of opposite")
-    for e in kinds.values():                             # every kind: the answer's prefix up to the new subject
-        question, prefix = restate(e, "green tea")
-        assert "green tea" in question and e.subject not in question.replace("green tea", "")
-        assert prefix.endswith("green tea") and e.answer.startswith(prefix.replace("green tea", e.subject)[:1])
-
-
-def test_restating_exercises_label_the_restated_subject_only(tokenizer, tmp_path):
-    from zerotrain.train.finetune_data import copy_path, prepare_restating_data, restate_path
-    text = np.asarray(tokenizer.encode(" ".join(f["prose"] for f in qa.load_facts()[:400])), dtype=np.uint16)
-    (tmp_path / "data").mkdir()
-    np.save(copy_path(tmp_path), text)
-    n = prepare_restating_data(tmp_path, tokenizer, block_size=64, seed=1)
-    enc = prompts.Encoded.load(restate_path(tmp_path))
-    assert n == len(enc) > 0.95 * 2 * len(qa.examples("train", passages="none"))
-    for i in range(0, len(enc), 997):
-        ids, plen = enc.example(i)
-        question, answer = tokenizer.decode(ids[:plen].tolist()), tokenizer.decode(ids[plen:].tolist())
-        subject = answer.split(" of ")[-1].strip() if answer.strip().startswith("The ") else \
-            answer.strip().split(" ", 1)[-1] if answer.strip()[:2] in ("A ", "An") else answer.strip()
-        assert question.startswith("Question: ") and question.endswith("?\nAnswer:") and subject in question
-        assert tokenizer.eot_id not in ids.tolist()      # a beginning of an answer: nothing says it ends there
-    again = prepare_restating_data(tmp_path, tokenizer, block_size=64, seed=1)
-    assert again == n
-    enc2 = [prompts.encode_pairs(tokenizer, [(prompts.qa_prompt("What is x?"), " x is x.")], block_size=64)[0]]
-    mix = TaskMix(enc2, [1.0], seed=3, pad_id=0, copy_text=text, copy_share=0.5, copy_steps=1, restating=enc)
-    rows = [r for step in range(30) for r in mix.rows(step, 8)]
-    restated = {tuple(enc.example(i)[0].tolist()) for i in range(len(enc))}
-    kinds = [("restate" if tuple(ids.tolist()) in restated else "copy" if plen * 2 - 2 == len(ids) else "task")
-             for ids, plen in rows]
-    assert {"restate", "copy", "task"} <= set(kinds)
-    off = TaskMix(enc2, [1.0], seed=3, pad_id=0, copy_text=text, copy_share=0.5, copy_steps=1, restating=enc,
-                  restate_share=0.0)
-    assert not any(tuple(ids.tolist()) in restated for step in range(30) for ids, _ in off.rows(step, 8))
-
-
 def test_finish_stops_at_the_sentence_end():
     assert _finish(" The capital is Kabul. And more", sentence=True) == (" The capital is Kabul.", True)
     assert _finish("\n A line\nnext", sentence=False) == ("\n A line", True)

@@ -25,7 +25,7 @@ from zerotrain.data import load_tokenizer
 from zerotrain.data.tasks.prompts import IGNORE, Encoded
 from zerotrain.distributed import comm
 
-from .finetune_data import TaskMix, copy_path, data_path, eval_batches, restate_path
+from .finetune_data import TaskMix, copy_path, data_path, eval_batches
 from .finetune_options import read_finetune
 from .metrics import MetricsLog, Progress
 from .options import Options
@@ -129,20 +129,16 @@ def finetune(mesh, opts: Options, *, stop: StopFlag | None = None, tensorboard: 
     names = spec.tasks.names
     t = spec.train
     copy_text = np.load(copy_path(opts.run_dir), mmap_mode="r") if t.copy_share > 0 or t.copy_steps > 0 else None
-    restating = (Encoded.load(restate_path(opts.run_dir))
-                 if copy_text is not None and "qa" in names and t.restate_share > 0 else None)
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in names], spec.tasks.weight_list(),
-                  t.seed, tokenizer.eot_id, copy_text=copy_text, copy_share=t.copy_share, copy_steps=t.copy_steps,
-                  restating=restating, restate_share=t.restate_share)
+                  t.seed, tokenizer.eot_id, copy_text=copy_text, copy_share=t.copy_share, copy_steps=t.copy_steps)
     tests = {n: Encoded.load(data_path(opts.run_dir, n, "test")) for n in names}
     metrics = MetricsLog(opts.run_dir, enabled=mesh.rank == 0, resume_step=state.step, tensorboard=tensorboard)
     if state.step < spec.train.steps:
         log.info("fine-tuning %s: %s parameters on %s (weights %s), ZeRO stage %d on %d rank(s) (dp %d x tp %d), "
-                 "%d steps x %d examples (the first %d copying exercises, then %.0f%% of each batch%s)", opts.run_name,
+                 "%d steps x %d examples (the first %d copying exercises, then %.0f%% of each batch)", opts.run_name,
                  f"{count_parameters(model.config):,}", ",".join(names),
                  ",".join(f"{w:.2f}" for w in spec.tasks.weight_list()), opts.parallel.stage, mesh.world_size,
-                 mesh.dp, mesh.tp, t.steps, t.batch_size, t.copy_steps, 100 * t.copy_share,
-                 f"; {100 * t.restate_share:.0f}% of the exercises restate a question's subject" if restating else "")
+                 mesh.dp, mesh.tp, t.steps, t.batch_size, t.copy_steps, 100 * t.copy_share)
         _loop(model, opt, sched, opts=opts, spec=spec, mesh=mesh, mix=mix, tests=tests, state=state,
               metrics=metrics, stop=stop)
     if not state.interrupted:

@@ -7,37 +7,26 @@ not fitting the context). ``TaskMix.batch(step)`` draws step ``step``'s global b
 so a resumed run replays the batches of an uninterrupted one. A rank takes its contiguous slice;
 rows are padded to the longest row of the *global* batch, so every rank runs the same shapes.
 
-Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold
-a span of the pretraining text written twice, with the loss on the repeat (its first token
-excluded: nothing predicts it). Both
+Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold a span of the pretraining text
+written twice, with the loss on the repeat (its first token excluded: nothing predicts it). Both
 tasks copy from their input (an answer restates the question's subject, or lifts a sentence from
 the passage; a summary reuses the document's words), and a small model pretrained on a few million
 tokens cannot yet copy (the repeat of a span is predicted no better than the span itself); the
 exercises teach it. The spans come from the base run's training tokens, copied into
 ``<run>/data/copy.npy`` by ``prepare_copy_data``.
-
-Restating exercises (when ``qa`` is among the tasks): a share of the exercise slots
-(``restate_share``, half by default) hold a training question whose subject is replaced by one or
-two words drawn from the pretraining text ("What is an orchard part of?"), the target being the
-answer up to its restated subject ("An orchard") and no further. A question's subject is the one part of the answer that must be copied rather than
-recalled, and the first of its tokens follows no copy of itself (the question has "a windowsill",
-the answer "A windowsill"): a model trained on real questions alone learns the frequent subjects
-and misspells the rare ones. ``prepare_restating_data`` writes ``<run>/data/restate.npz``.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from zerotrain.data.tasks import prompts, qa, task_pairs
+from zerotrain.data.tasks import task_pairs
 from zerotrain.data.tasks.prompts import Encoded, encode_pairs, pad_batch
-from zerotrain.data.tasks.wordnet import article
 
 from .options import UsageError
 
@@ -103,58 +92,6 @@ def copy_example(text: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     return np.concatenate([span, span]), n + 1
 
 
-RESTATE_PER_QUESTION = 2            # restating exercises built from each closed-book training question
-_WORD = re.compile(r"[A-Za-z]{3,}")
-
-
-def restate_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "data" / "restate.npz"
-
-
-def _words(text_tokens: np.ndarray, tokenizer, rng: np.random.Generator, *, proper: bool) -> str:
-    """One or two consecutive words of the pretraining text (capitalised for a name)."""
-    while True:
-        start = int(rng.integers(0, len(text_tokens) - 16))
-        words = _WORD.findall(tokenizer.decode([int(t) for t in text_tokens[start:start + 16]]))[1:]
-        n = 1 if rng.random() < 0.7 else 2
-        if len(words) >= n:
-            picked = words[:n]
-            return " ".join(w.capitalize() for w in picked) if proper else " ".join(w.lower() for w in picked)
-
-
-def restate(example: qa.QAExample, subject: str) -> tuple[str, str]:
-    """(question, answer up to its subject) with ``subject`` in place of the example's, articles
-    agreeing ("a heel" -> "an orchard")."""
-    old, mark = re.escape(example.subject), "\0"
-
-    def swap(text: str) -> str:                    # the subject's places marked, articles agreeing
-        text = re.sub(rf"\b([Aa])n? {old}\b",
-                      lambda m: article(subject, capital=m.group(1) == "A")[:-len(subject)] + mark, text)
-        return re.sub(rf"\b{old}\b", mark, text)
-    answer = swap(example.answer)
-    return swap(example.question).replace(mark, subject), answer[:answer.index(mark)] + subject
-
-
-def prepare_restating_data(run_dir: Path, tokenizer, *, block_size: int, seed: int) -> int:
-    """Write ``<run>/data/restate.npz`` (kept when already built); returns the number of exercises."""
-    path = restate_path(run_dir)
-    if path.is_file():
-        return len(Encoded.load(path))
-    text = np.load(copy_path(run_dir), mmap_mode="r")
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 11])))
-    pairs = []
-    for e in qa.examples("train", passages="none"):
-        for _ in range(RESTATE_PER_QUESTION):
-            question, answer = restate(e, _words(text, tokenizer, rng, proper=e.kind in ("person", "capital")))
-            pairs.append((prompts.qa_prompt(question), prompts.target_text(answer)))
-    encoded, _ = encode_pairs(tokenizer, pairs, block_size=block_size, end=False)
-    tmp = path.with_name(".restate.tmp.npz")
-    encoded.save(tmp)
-    tmp.replace(path)
-    log.info("restating exercises: %d questions with their subject replaced", len(encoded))
-    return len(encoded)
-
-
 @dataclass
 class TaskMix:
     data: list[Encoded]
@@ -164,23 +101,16 @@ class TaskMix:
     copy_text: np.ndarray | None = field(default=None, kw_only=True)
     copy_share: float = field(default=0.0, kw_only=True)
     copy_steps: int = field(default=0, kw_only=True)      # the first steps hold copying exercises only
-    restating: Encoded | None = field(default=None, kw_only=True)
-    restate_share: float = field(default=0.5, kw_only=True)   # of the exercises, restating ones (when given)
-
-    def _exercise(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        if self.restating is not None and rng.random() < self.restate_share:
-            return self.restating.example(int(rng.integers(0, len(self.restating))))
-        return copy_example(self.copy_text, rng)
 
     def rows(self, step: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, step, 7])))
         if self.copy_text is not None and step < self.copy_steps:
-            return [self._exercise(rng) for _ in range(batch_size)]
+            return [copy_example(self.copy_text, rng) for _ in range(batch_size)]
         tasks = rng.choice(len(self.data), size=batch_size, p=self.weights)
         rows = [self.data[t].example(int(rng.integers(0, len(self.data[t])))) for t in tasks]
         if self.copy_share > 0 and self.copy_text is not None:
             exercise = rng.random(batch_size) < self.copy_share
-            rows = [self._exercise(rng) if e else r for e, r in zip(exercise, rows)]
+            rows = [copy_example(self.copy_text, rng) if e else r for e, r in zip(exercise, rows)]
         return rows
 
     def batch(self, step: int, *, batch_size: int, dp_rank: int, dp_size: int):

@@ -50,7 +50,6 @@ class FinetuneTrainOptions(_Section):
     report_examples: NonNegInt = 200   # held-out examples per task in the final generated report
     copy_steps: NonNegInt = 1000       # the first steps: copying exercises only (part of ``steps``)
     copy_share: Annotated[Real, Field(ge=0, lt=1)] = 0.25   # then this share of the slots
-    restate_share: Annotated[Real, Field(ge=0, le=1)] = 0.5  # of those exercises, restating ones (with qa)
 
     @model_validator(mode="after")
     def _copy_fits(self):

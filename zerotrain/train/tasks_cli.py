@@ -32,8 +32,6 @@ FT_FLAGS = {  # flag -> (dotted option, type, help)
     "--precision": ("parallel.precision", str, "fp32 (default), bf16 or fp16"),
     "--copy-steps": ("train.copy_steps", int, "first steps of copying exercises only (default 1000; part of --steps)"),
     "--copy": ("train.copy_share", float, "then the share of each batch that are copying exercises (default 0.25)"),
-    "--restate": ("train.restate_share", float, "with qa, the share of those exercises that restate a question's "
-                  "subject (default 0.5)"),
     "--report-examples": ("train.report_examples", int, "held-out examples per task in the final report (default 200)"),
 }
 
@@ -114,7 +112,7 @@ def setup_finetune(spec: FinetuneOptions, opts: Options, *, fresh: bool) -> None
     from zerotrain.data import load_tokenizer
     from zerotrain.model import get_config
 
-    from .finetune_data import prepare_copy_data, prepare_restating_data, prepare_task_data
+    from .finetune_data import prepare_copy_data, prepare_task_data
     run_dir = spec.run_dir
     if fresh and run_dir.is_dir():
         if any(run_dir.iterdir()) and not (run_dir / "finetune.json").is_file():
@@ -128,12 +126,9 @@ def setup_finetune(spec: FinetuneOptions, opts: Options, *, fresh: bool) -> None
     (run_dir / "finetune.json").write_text(spec.model_dump_json(indent=1), encoding="utf-8")
     (run_dir / "options.json").write_text(opts.model_dump_json(indent=1), encoding="utf-8")
     block = get_config(opts.model.preset, vocab_size=opts.data.vocab_size, **opts.model_overrides()).block_size
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     if spec.train.copy_share > 0 or spec.train.copy_steps > 0:
         prepare_copy_data(run_dir, Path(spec.base))
-        if "qa" in spec.tasks.names and spec.train.restate_share > 0:
-            prepare_restating_data(run_dir, tokenizer, block_size=block, seed=spec.train.seed)
-    prepare_task_data(run_dir, spec.tasks.names, tokenizer, block_size=block)
+    prepare_task_data(run_dir, spec.tasks.names, load_tokenizer(run_dir / "tokenizer.json"), block_size=block)
 
 
 def _finetune_parser() -> argparse.ArgumentParser:

@@ -55,16 +55,14 @@ class Encoded:
             return cls(z["tokens"], z["offsets"], z["prompt_len"])
 
 
-def encode_pairs(tokenizer, pairs: list[tuple[str, str]], *, block_size: int,
-                 end: bool = True) -> tuple[Encoded, int]:
-    """Encode (prompt, target text) pairs, the target followed by end-of-text unless ``end=False``
-    (a target that is only the beginning of an answer); those longer than ``block_size + 1`` tokens
-    are left out. Returns (encoded, number left out)."""
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], *, block_size: int) -> tuple[Encoded, int]:
+    """Encode (prompt, target text) pairs; those longer than ``block_size + 1`` tokens are left
+    out. Returns (encoded, number left out)."""
     prompts = tokenizer.encode_batch([p for p, _ in pairs])
     targets = tokenizer.encode_batch([t for _, t in pairs])
     tokens, offsets, lengths, dropped = [], [0], [], 0
     for p, t in zip(prompts, targets):
-        ids = p + t + ([tokenizer.eot_id] if end else [])
+        ids = p + t + [tokenizer.eot_id]
         if len(ids) > block_size + 1:
             dropped += 1
             continue
