@@ -42,6 +42,12 @@ def run(tmp_path_factory) -> Path:
     return opts.run_dir
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Fine-tuning runs go to ./runs by default: never the repository's."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_ask_and_summarize_answer(run, capsys, tmp_path, monkeypatch):
     assert main(["ask", str(run), "What is the capital of Peru?", "Who was Kern?", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
@@ -90,3 +96,16 @@ def test_bad_input_is_one_clear_message(run, make, message, capsys, tmp_path):
     assert main(make(run, tmp_path)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("error:") == 1
+
+
+def test_a_run_fine_tuned_from_one_base_is_not_continued_from_another(run, capsys, tmp_path):
+    """The same run name from another base (here a copy elsewhere) is refused, not silently
+    continued from the base it was started from."""
+    other = tmp_path / "elsewhere" / run.name
+    shutil.copytree(run, other)
+    assert main(["finetune", str(run), "--tasks", "qa"]) == 2            # setup written, then no train.npy
+    assert (tmp_path / "runs" / "r-ft" / "finetune.json").is_file()
+    capsys.readouterr()
+    assert main(["finetune", str(other), "--tasks", "qa"]) == 2
+    err = capsys.readouterr().err
+    assert f"was fine-tuned from {run.resolve()}" in err and "--fresh" in err and err.count("error:") == 1

@@ -79,6 +79,7 @@ def finetune_options(args) -> tuple[FinetuneOptions, Options]:
     elif args.weights:
         data["tasks"] = {"weights": _weights(args.weights)}
     spec = _validate(data, settings)
+    requested = spec.base
     saved = read_finetune(spec.run_dir)
     if saved is not None and not args.fresh:
         merged = saved.model_dump()
@@ -87,7 +88,7 @@ def finetune_options(args) -> tuple[FinetuneOptions, Options]:
         if args.tasks is not None or args.weights:
             merged["tasks"] = spec.tasks.model_dump()
         spec = _validate(merged, settings)
-        if (spec.base, spec.tasks) != (saved.base, saved.tasks):
+        if (Path(requested).resolve(), spec.tasks) != (Path(saved.base).resolve(), saved.tasks):
             raise UsageError(f"run '{spec.run_name}' was fine-tuned from {saved.base} on "
                              f"{','.join(saved.tasks.names)} (weights {saved.tasks.weights or 'equal'}); pass "
                              "--fresh to start it over or --run-name NAME for a new run")
