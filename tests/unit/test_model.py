@@ -38,7 +38,6 @@ def test_shapes_and_loss():
     torch.testing.assert_close(model(idx, targets), expected, rtol=0, atol=1e-6)
 
 
-
 def test_labelled_only_gives_the_same_loss_and_gradients():
     """The LM head on labelled positions alone (answer-only fine-tuning) changes no number."""
     idx = torch.randint(0, 67, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -52,6 +51,7 @@ def test_labelled_only_gives_the_same_loss_and_gradients():
     for (name, a), b in zip(full.named_parameters(), sparse.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
     assert sparse(idx, labelled_only=True).shape == (3, 12, 67)          # no targets: all logits
+
 
 def test_submodule_names():
     model = micro()

@@ -48,26 +48,12 @@ class Stopper:
             self.may_stop[i] = i == tokenizer.eot_id or any(c in text for c in ".!?\n")
 
 
-class NgramBlock:
-    """Per row, the tokens that followed each (n-1)-gram already generated: choosing one of them
-    again would repeat an n-gram."""
-
-    def __init__(self, rows: int, n: int):
-        self.n, self.seen = n, [dict() for _ in range(rows)]
-
-    def ban(self, logits: torch.Tensor, out: list[list[int]]) -> torch.Tensor:
-        """``logits`` (B, V) with the repeating tokens of each row at -inf."""
-        if self.n < 1:
-            return logits
-        for r, gen in enumerate(out):
-            banned = self.seen[r].get(tuple(gen[len(gen) - self.n + 1:])) if len(gen) >= self.n - 1 else None
-            if banned:
-                logits[r, list(banned)] = float("-inf")
-        return logits
-
-    def add(self, r: int, gen: list[int]) -> None:
-        if 1 <= self.n <= len(gen):
-            self.seen[r].setdefault(tuple(gen[len(gen) - self.n:-1]), set()).add(gen[-1])
+def repeating_tokens(gen: list[int], n: int) -> list[int]:
+    """The tokens that would make ``gen`` hold some ``n``-gram twice (none when ``n`` < 1)."""
+    if n < 1 or len(gen) < n - 1:
+        return []
+    tail = tuple(gen[len(gen) - n + 1:])
+    return [gen[j + n - 1] for j in range(len(gen) - n + 1) if tuple(gen[j:j + n - 1]) == tail]
 
 
 @torch.no_grad()
@@ -78,29 +64,22 @@ def decode_tokens(model, ids: list[list[int]], *, max_new: int, stopper: Stopper
     cache = KVCache.for_model(model, len(ids))
     out = [[] for _ in ids]
     done = [False] * len(ids)
-    block = NgramBlock(len(ids), no_repeat)
     logits = model(x, kv_cache=cache, start_pos=0)
     for step in range(max_new):
-        token = block.ban(logits[:, -1, :].clone(), out).argmax(dim=-1)      # (B,)
+        last = logits[:, -1, :].clone()                                      # (B, V)
+        for r, g in enumerate(out):
+            last[r, repeating_tokens(g, no_repeat)] = float("-inf")
+        token = last.argmax(dim=-1)                                          # (B,)
         for r, t in enumerate(token.tolist()):
             if done[r]:
                 continue
             out[r].append(t)
-            block.add(r, out[r])
             if stopper.may_stop[t]:
                 done[r] = _finish(stopper.tokenizer.decode(out[r]), sentence=sentence)[1]
         if all(done) or step == max_new - 1:
             break
         logits = model(token.unsqueeze(1), kv_cache=cache, start_pos=x.size(1) + step)
     return out
-
-
-def repeating_tokens(gen: list[int], n: int) -> list[int]:
-    """The tokens that would make ``gen`` hold some ``n``-gram twice (none when ``n`` < 1)."""
-    if n < 1 or len(gen) < n - 1:
-        return []
-    tail = tuple(gen[len(gen) - n + 1:])
-    return [gen[j + n - 1] for j in range(len(gen) - n + 1) if tuple(gen[j:j + n - 1]) == tail]
 
 
 @torch.no_grad()

@@ -29,13 +29,18 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     return p
 
 
-def add_decoding_flags(p: argparse.ArgumentParser, task: str) -> None:
+def add_decoding_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """``--beams`` and ``--length-penalty``, their defaults named from ``DECODING`` (``eval``: each task's)."""
     from .answer import DECODING
-    d = DECODING["qa" if task == "ask" else task]
-    p.add_argument("--beams", type=int, default=None,
-                   help=f"beam width, 1 for greedy (default {d['beams']})")
+    tasks = {"ask": ["qa"], "summarize": ["summarize"]}.get(command, list(DECODING))
+
+    def default(key: str) -> str:
+        if len(tasks) == 1:
+            return str(DECODING[tasks[0]][key])
+        return ", ".join(f"{t} {DECODING[t][key]}" for t in tasks)
+    p.add_argument("--beams", type=int, default=None, help=f"beam width, 1 for greedy (default {default('beams')})")
     p.add_argument("--length-penalty", type=float, default=None,
-                   help=f"a finished beam's score is log-probability / length**this (default {d['length_penalty']})")
+                   help=f"a finished beam's score is log-probability / length**this (default {default('length_penalty')})")
 
 
 def check_decoding(args) -> None:

@@ -208,18 +208,15 @@ def cli_eval(argv: list[str]) -> int:
     if not any(a == "--task" or a.startswith("--task=") for a in argv):
         from .cli import cli_eval as lm_eval
         return lm_eval(argv)
+    from .answer_cli import add_decoding_flags, check_decoding
     p = argparse.ArgumentParser(prog="zerotrain eval", description="held-out task evaluation beside baselines")
     p.add_argument("run", nargs="?", default=Options().run_name)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--task", required=True, help="qa or summarize")
     p.add_argument("--examples", type=int, default=200, help="held-out examples (default 200; 0 for all)")
-    p.add_argument("--beams", type=int, default=None, help="beam width, 1 for greedy (default: the task's, "
-                   "greedy answers and 8-beam summaries)")
-    p.add_argument("--length-penalty", type=float, default=None, help="finished beams rank by log-probability / "
-                   "length**this (default 1)")
+    add_decoding_flags(p, "eval")
     args = p.parse_args(argv)
     try:
-        from .answer_cli import check_decoding
         check_decoding(args)
         from zerotrain.data.tasks import check_tasks
         try:
