@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
-import resource
 import signal
 import statistics
 import sys
@@ -78,8 +77,14 @@ def rank_batches(cfg: BenchConfig, rank: int) -> list[tuple[torch.Tensor, torch.
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's own peak resident set size (``VmHWM``). Not ``ru_maxrss``: Linux carries the
+    launcher's high-water mark across ``exec``, so a rank would report its launcher's peak when
+    that is the larger."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line: peak RSS needs Linux")
 
 
 def current_rss_bytes(pid: int) -> int:

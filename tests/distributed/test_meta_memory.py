@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zerotrain
-from harness import spawn
+from harness import peak_rss_bytes, spawn
 from zerotrain.model import GPT, GPTConfig
 
 # 10 blocks of 50.3M parameters + a 16.9M root: 520M parameters, 2.08 GB in fp32
@@ -27,7 +27,7 @@ def memory_worker(mesh):
         model = GPT(BIG)
     before = _rss_bytes()
     zerotrain.shard_model(model, stage=3, mesh=mesh)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     zs = model.zero_state
     kept = zerotrain.memory_report(model)["total"]
     unit = max(u.layout.padded for u in zs.units) * 4
