@@ -4,8 +4,9 @@
 size or tp degree) into a new run directory, ``<RUN>-ft`` unless ``--run-name`` says otherwise,
 on local ranks like ``train`` (same progress, metrics.jsonl, TensorBoard and loss.png; Ctrl-C
 saves, the same command resumes, ``--fresh`` starts over), then evaluates it on held-out data
-beside the baselines. ``ask`` answers questions, ``summarize`` summarizes documents, both with
-batched greedy generation and the KV cache. User errors print one message and exit with status 2.
+beside the baselines. ``ask`` answers questions, ``summarize`` summarizes documents, both batched
+with the KV cache (greedy for questions, 8 beams for summaries unless ``--beams`` says otherwise).
+User errors print one message and exit with status 2.
 """
 from __future__ import annotations
 
