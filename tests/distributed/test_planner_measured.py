@@ -56,7 +56,8 @@ def measure(mesh, stage):
     fp32_states, fp32_comm = _train(mesh, None, STEPS)
     peak = peak_rss_bytes()
     bf16_states, bf16_comm = _train(mesh, "bf16", 1)
-    return {"fp32": (fp32_states, fp32_comm), "bf16": (bf16_states, bf16_comm), "peak_rss": peak, "base_rss": base}
+    return {"fp32": (fp32_states, fp32_comm), "bf16": (bf16_states, bf16_comm),
+            "peak_rss": peak, "base_rss": base}
 
 
 def _spec(config):
