@@ -293,3 +293,23 @@ def test_task_names():
         check_tasks("")
     with pytest.raises(ValueError, match="named twice"):
         check_tasks(["qa", "qa"])
+
+
+def test_subject_tokens_script_finds_the_subject_as_the_answer_writes_it():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "scripts" / "subject_tokens.py"
+    spec = importlib.util.spec_from_file_location("subject_tokens", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Chars:                        # one token per character
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    tok = Chars()
+    answer = tok.encode(" A windowsill is the sill of a window.")
+    assert module.subject_span(answer, tok, "windowsill") == range(2, 13)      # " windowsill"
+    capital = tok.encode(" Magdalena is part of Colombia.")
+    assert module.subject_span(capital, tok, "magdalena") == range(0, 10)     # capitalised form
+    assert module.subject_span(answer, tok, "doorsill") is None
