@@ -79,12 +79,17 @@ def spawn(fn, world_size: int, *args, tp: int = 1, timeout: float = DEFAULT_TIME
     return [results[r] for r in range(world_size)]
 
 
+def status_bytes(field: str) -> int:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line: memory checks need Linux")
+
+
 def peak_rss_bytes() -> int:
     """This process's own peak RSS (``VmHWM``). Not ``ru_maxrss``: Linux carries the high-water
     mark of the process that forked a spawned rank across ``exec``, so a rank spawned by a large
     pytest process would report that process's peak instead of its own."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line: peak RSS needs Linux")
+    return status_bytes("VmHWM")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import zerotrain
-from harness import spawn
+from harness import peak_rss_bytes, spawn, status_bytes
 from models import TinyGPT, make_batch, make_model
 from zero_cases import local_state
 from zerotrain import checkpoint
@@ -227,22 +227,14 @@ def _big_model(mesh, stage: int = 3):
     return model, opt
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _measured_load(mesh, path: str, model, opt) -> int:
     """Peak RSS growth (bytes) during ``checkpoint.load`` on this rank."""
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                                       # reset VmHWM to the current RSS
-    before = _status_kb("VmRSS")
+    before = status_bytes("VmRSS")
     checkpoint.load(path, model=model, optimizer=opt)
-    return (_status_kb("VmHWM") - before) * 1024
+    return peak_rss_bytes() - before
 
 
 def mem_save(mesh, path: str) -> int:

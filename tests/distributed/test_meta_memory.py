@@ -3,29 +3,23 @@ each rank's peak RSS stays within 1.2× of (its runtime before sharding + its ow
 model states + two units), at world 2 and 4 — never the whole model."""
 from __future__ import annotations
 
-import resource
 
 import pytest
 import torch
 
 import zerotrain
-from harness import peak_rss_bytes, spawn
+from harness import peak_rss_bytes, spawn, status_bytes
 from zerotrain.model import GPT, GPTConfig
 
 # 10 blocks of 50.3M parameters + a 16.9M root: 520M parameters, 2.08 GB in fp32
 BIG = GPTConfig(vocab_size=8192, block_size=64, n_layer=10, n_head=16, n_embd=2048)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def memory_worker(mesh):
     torch.manual_seed(0)
     with torch.device("meta"):
         model = GPT(BIG)
-    before = _rss_bytes()
+    before = status_bytes("VmRSS")
     zerotrain.shard_model(model, stage=3, mesh=mesh)
     peak = peak_rss_bytes()
     zs = model.zero_state

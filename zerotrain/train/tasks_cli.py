@@ -5,7 +5,8 @@ size or tp degree) into a new run directory, ``<RUN>-ft`` unless ``--run-name`` 
 on local ranks like ``train`` (same progress, metrics.jsonl, TensorBoard and loss.png; Ctrl-C
 saves, the same command resumes, ``--fresh`` starts over), then evaluates it on held-out data
 beside the baselines. ``ask`` answers questions, ``summarize`` summarizes documents, both batched
-with the KV cache (greedy for questions, 8 beams for summaries unless ``--beams`` says otherwise).
+with the KV cache, decoded as the task's ``DECODING`` in ``answer.py`` says unless ``--beams`` /
+``--length-penalty`` say otherwise.
 User errors print one message and exit with status 2.
 """
 from __future__ import annotations
