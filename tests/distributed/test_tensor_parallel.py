@@ -142,15 +142,35 @@ def _check_loss(mesh, vocab, ignore_index):
     return name
 
 
+def _check_loss_per_target(mesh, vocab=37):
+    """reduction="none": each target's loss, and the gradient of any weighting of them."""
+    torch.manual_seed(7)
+    logits = (3 * torch.randn(3, 5, vocab, dtype=F64)).requires_grad_()
+    targets = torch.randint(0, vocab, (3, 5))
+    targets[0, :2] = -100
+    weights = torch.rand(15, dtype=F64)
+    expected = F.cross_entropy(logits.view(-1, vocab), targets.view(-1), reduction="none")
+    (expected * weights).sum().backward()
+    loss_fn = VocabParallelCrossEntropy(vocab, group=mesh.tp_group)
+    shard = _tp_slice(logits.detach(), mesh).requires_grad_()
+    loss = loss_fn(shard, targets, reduction="none")
+    assert loss.shape == (15,)
+    _close(loss, expected.detach(), "per-target vocab_parallel_ce value")
+    (loss * weights).sum().backward()
+    _close(shard.grad, _tp_slice(logits.grad, mesh), "per-target vocab_parallel_ce grad")
+    return "per-target loss"
+
+
 def _loss_grid(mesh):
-    return [_check_loss(mesh, v, ii) for v, ii in [(37, -100), (40, -100), (5, -100), (37, 3)]]
+    return [_check_loss(mesh, v, ii) for v, ii in [(37, -100), (40, -100), (5, -100), (37, 3)]] + \
+        [_check_loss_per_target(mesh)]
 
 
 # ---------------------------------------------------------------- GPT
 
-def _tiny_gpt(n_head=4, n_embd=32, vocab=37):
+def _tiny_gpt(n_head=4, n_embd=32, vocab=37, copy_head=False):
     torch.manual_seed(1234)
-    cfg = GPTConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=n_head, n_embd=n_embd)
+    cfg = GPTConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=n_head, n_embd=n_embd, copy_head=copy_head)
     return GPT(cfg).to(F64)
 
 
@@ -221,7 +241,7 @@ def _gpt_grid(mesh):
     _check_gpt_grads(mesh, dense, model, idx, targets)
     dense, model = _tiny_gpt(), apply_tensor_parallel(_tiny_gpt(), mesh.tp_group)
     _check_gpt_training(dense, model, idx, targets)
-    done = ["gpt grads", "gpt training"]
+    done = ["gpt grads", "gpt training", _check_copy_head(mesh, idx, targets)]
     if mesh.tp > 1:
         bad = _tiny_gpt(n_head=mesh.tp + 1, n_embd=8 * (mesh.tp + 1))
         with pytest.raises(ValueError, match=f"n_head={mesh.tp + 1} is not divisible by tp={mesh.tp}"):
@@ -231,11 +251,35 @@ def _gpt_grid(mesh):
     return done
 
 
+def _check_copy_head(mesh, idx, targets):
+    """A GPT with a copy head: tp gives the dense loss and gradients (the copy head replicated, its
+    mixture fed by the vocabulary-parallel per-target loss), also when training; the full output
+    distribution needs tp=1 and says so."""
+    dense = _tiny_gpt(copy_head=True)
+    model = apply_tensor_parallel(copy.deepcopy(dense), mesh.tp_group)
+    for labelled_only in (False, True):
+        dense.zero_grad(set_to_none=True), model.zero_grad(set_to_none=True)
+        (dense_loss := dense(idx, targets, labelled_only=labelled_only)).backward()
+        (loss := model(idx, targets, labelled_only=labelled_only)).backward()
+        _close(loss, dense_loss.detach(), f"copy-head loss (labelled_only={labelled_only})")
+        for name, p in model.named_parameters():
+            _close(p.grad, shard_like(dense.get_parameter(name).grad, p), f"copy-head grad {name}")
+    assert dense.copy_head.gate.weight.grad.abs().sum() > 0
+    _check_gpt_training(dense, model, idx, targets)
+    with torch.no_grad():
+        if mesh.tp > 1:
+            with pytest.raises(NotImplementedError, match="tp=1"):
+                model(idx)
+        else:
+            _close(model(idx), dense(idx), "copy-head output")
+    return "copy head"
+
+
 def _grid(mesh):
     return _layer_grid(mesh) + _loss_grid(mesh) + _gpt_grid(mesh)
 
 
-EXPECTED = 1 + 5 + 3 + 3 + 4 + 2       # unshard, column, row, embedding, loss, gpt
+EXPECTED = 1 + 5 + 3 + 3 + 5 + 3       # unshard, column, row, embedding, loss, gpt
 
 
 def _grid_tp4_then_dp2_tp2(mesh):

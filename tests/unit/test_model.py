@@ -275,3 +275,83 @@ def test_attention_runs_on_a_head_split():
         assert local.head_dim == hd
         parts.append(local(x))
     torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- copy head
+def _copy_reference(model: GPT, idx, targets):
+    """log p(target) of the copy mixture, position by position, from the parts of the model."""
+    with torch.no_grad():
+        pos = torch.arange(idx.size(1))
+        h = model.wte(idx) + model.wpe(pos)
+        for block in model.blocks:
+            h = block(h)
+        h = model.ln_f(h)
+        vocab = torch.log_softmax(model.lm_head(h), dim=-1)
+        head = model.copy_head
+        q, k, g = head.query(h), head.key(h), torch.sigmoid(head.gate(h)).squeeze(-1)
+        out = torch.full(idx.shape, float("nan"), dtype=h.dtype)
+        for b in range(idx.size(0)):
+            for t in range(idx.size(1)):
+                if targets[b, t] == -100:
+                    continue
+                a = torch.softmax(q[b, t] @ k[b, :t + 1].T / head.query.out_features ** 0.5, dim=0)
+                copied = a[idx[b, :t + 1] == targets[b, t]].sum()
+                out[b, t] = torch.log(g[b, t] * vocab[b, t, targets[b, t]].exp() + (1 - g[b, t]) * copied)
+    return out
+
+
+def test_copy_head_loss_is_the_mixture_of_vocabulary_and_copy():
+    model = micro(seed=3, copy_head=True).double()
+    idx = torch.randint(0, 12, (3, 14))                    # a small id range: targets recur in the context
+    targets = torch.randint(0, 12, (3, 14))
+    targets[:, :4] = -100
+    targets[2, 7] = 66                                     # a target found nowhere in the context
+    ref = _copy_reference(model, idx, targets)
+    keep = targets != -100
+    expected = -ref[keep].mean()
+    assert model(idx, targets).item() == pytest.approx(expected.item(), abs=1e-12)
+    assert model(idx, targets, labelled_only=True).item() == pytest.approx(expected.item(), abs=1e-12)
+    log_p = model(idx)                                     # the whole distribution, normalised
+    assert torch.allclose(log_p.logsumexp(-1), torch.zeros(3, 14, dtype=log_p.dtype), atol=1e-12)
+    assert torch.allclose(log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep], ref[keep],
+                          atol=1e-12)
+    model(idx, targets, labelled_only=True).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and g.isfinite().all() for g in grads.values())
+    assert all(grads[f"copy_head.{n}.weight"].abs().sum() > 0 for n in ("query", "key", "gate"))
+    assert sum(p.numel() for p in model.copy_head.parameters()) == 2 * (32 * 16 + 16) + 32 + 1
+
+
+def test_copy_head_only_copies_what_the_context_holds():
+    """With the gate shut on the vocabulary, all probability is on tokens at positions <= t."""
+    model = micro(seed=4, copy_head=True).double()
+    with torch.no_grad():
+        model.copy_head.gate.bias.fill_(-60.0)
+    idx = torch.randint(0, 67, (2, 20))
+    with torch.no_grad():
+        p = model(idx).exp()
+    for b in range(2):
+        for t in range(20):
+            seen = torch.zeros(67, dtype=torch.bool)
+            seen[idx[b, :t + 1]] = True
+            assert p[b, t, ~seen].sum() < 1e-12 and p[b, t, seen].sum().item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_copy_head_cached_decoding_equals_the_full_forward_and_follows_reorder():
+    model = micro(seed=5, copy_head=True, init_std=0.3).double().eval()
+    idx = torch.randint(0, 67, (3, 18))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache.for_model(model, 3)
+        parts = [model(idx[:, :7], kv_cache=cache, start_pos=0)]
+        parts += [model(idx[:, t:t + 1], kv_cache=cache, start_pos=t) for t in range(7, 12)]
+        parts.append(model(idx[:, 12:], kv_cache=cache, start_pos=12))
+        assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-12)
+        rows = torch.tensor([2, 0, 0])                     # beam search keeps some rows, twice
+        cache = KVCache.for_model(model, 3)
+        model(idx[:, :10], kv_cache=cache, start_pos=0)
+        cache.reorder(rows)
+        step = model(idx[rows, 10:11], kv_cache=cache, start_pos=10)
+        assert torch.allclose(step[:, 0], model(idx[rows, :11])[:, -1], atol=1e-12)
+        assert torch.equal(generate(model, idx[:, :6], 8, greedy=True),
+                           generate(model, idx[:, :6], 8, greedy=True, use_cache=False))

@@ -24,6 +24,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     init_std: float = 0.02
+    copy_head: bool = False   # pointer head: the next token may be copied from the context (CopyHead)
 
     def __post_init__(self) -> None:
         for name in _POSITIVE_INT_FIELDS:
@@ -40,8 +41,9 @@ class GPTConfig:
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"GPTConfig.dropout must be a float in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
+        for name in ("bias", "copy_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
                 or not self.init_std > 0.0:
             raise ValueError(
@@ -51,6 +53,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def copy_dim(self) -> int:
+        """Width of the copy head's queries and keys."""
+        return max(1, self.n_embd // 2)
 
 
 PRESETS: dict[str, GPTConfig] = {

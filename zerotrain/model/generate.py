@@ -13,7 +13,8 @@ class KVCache:
 
     Each layer's buffers are allocated in full (batch x max_len) on its first :meth:`update`,
     with the heads, dtype and device of the keys it receives, so a tensor-parallel attention
-    that holds only some heads gets a cache of its own width.
+    that holds only some heads gets a cache of its own width. A model with a copy head also keeps
+    its keys and the tokens they point at (:meth:`update_copy`).
     """
 
     def __init__(self, n_layer: int, batch_size: int, max_len: int):
@@ -23,6 +24,8 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.lengths = [0] * n_layer
+        self.copy_keys: torch.Tensor | None = None   # (batch, max_len, copy_dim)
+        self.tokens: torch.Tensor | None = None      # (batch, max_len)
 
     @classmethod
     def for_model(cls, model, batch_size: int) -> "KVCache":
@@ -44,6 +47,23 @@ class KVCache:
             if self.k[layer] is not None:
                 self.k[layer] = self.k[layer].index_select(0, rows)
                 self.v[layer] = self.v[layer].index_select(0, rows)
+        if self.copy_keys is not None:
+            self.copy_keys = self.copy_keys.index_select(0, rows)
+            self.tokens = self.tokens.index_select(0, rows)
+
+    def update_copy(self, keys: torch.Tensor, tokens: torch.Tensor, start_pos: int):
+        """Write a copy head's keys (B, T, w) and the tokens (B, T) at ``start_pos``; return both
+        for positions 0 .. start_pos + T - 1. Called after every layer's :meth:`update`."""
+        B, T, w = keys.shape
+        if start_pos + T != self.length:
+            raise ValueError(f"KVCache holds {self.length} positions; copy keys for {start_pos} .. "
+                             f"{start_pos + T - 1} must come after the layers' update")
+        if self.copy_keys is None:
+            self.copy_keys = torch.empty(B, self.max_len, w, dtype=keys.dtype, device=keys.device)
+            self.tokens = torch.empty(B, self.max_len, dtype=tokens.dtype, device=tokens.device)
+        self.copy_keys[:, start_pos:start_pos + T] = keys
+        self.tokens[:, start_pos:start_pos + T] = tokens
+        return self.copy_keys[:, :start_pos + T], self.tokens[:, :start_pos + T]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int):
         """Write k, v (B, H, T, hd) at ``start_pos``; return the cached (B, H, start_pos+T, hd)."""

@@ -1,9 +1,10 @@
 """A decoder-only transformer in the Turing-NLG / GPT-2 shape, in plain PyTorch.
 
-Pre-LayerNorm blocks, learned absolute positions, tied input/output embeddings. Nothing here knows
-about parallelism; tensor parallelism swaps submodules by name (``c_attn``, ``c_proj``, ``c_fc``,
-``wte``, ``lm_head``, ``loss_fn``), which is why attention reads its head count from the width of
-what ``c_attn`` returns instead of from the config.
+Pre-LayerNorm blocks, learned absolute positions, tied input/output embeddings, and optionally a
+copy head (``GPTConfig.copy_head``, see :class:`CopyHead`). Nothing here knows about parallelism;
+tensor parallelism swaps submodules by name (``c_attn``, ``c_proj``, ``c_fc``, ``wte``,
+``lm_head``, ``loss_fn``), which is why attention reads its head count from the width of what
+``c_attn`` returns instead of from the config.
 """
 from __future__ import annotations
 
@@ -22,12 +23,52 @@ class LanguageModelLoss(nn.Module):
 
     ignore_index = -100
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """logits (B, T, V), targets (B, T) -> scalar, or (B*T,) with ``reduction="none"`` (0 where
+        the target is ignored)."""
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        # logits (B, T, V), targets (B, T) -> scalar
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=self.ignore_index)
+                               ignore_index=self.ignore_index, reduction=reduction)
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class CopyHead(nn.Module):
+    """A pointer head: the next token is drawn from the LM head's distribution or copied from the
+    context, p(w) = g * p_vocab(w) + (1 - g) * sum of a(s) over the positions s <= t holding w.
+
+    ``a`` is one causal attention distribution (queries and keys of width ``config.copy_dim`` from
+    the final hidden states; its "values" are the tokens themselves) and ``g = sigmoid(gate(h_t))``.
+    Copying a rare word from the prompt then needs only the right position, not the word's identity
+    carried through the residual stream to the vocabulary: what both fine-tuning tasks ask of a small
+    model (an answer restates the question's subject, a summary reuses the document's words).
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        d, w = config.n_embd, config.copy_dim
+        self.query = nn.Linear(d, w, bias=config.bias)
+        self.key = nn.Linear(d, w, bias=config.bias)
+        self.gate = nn.Linear(d, 1, bias=config.bias)
+
+    def scores(self, h: torch.Tensor, keys: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log copy weights (B, T, L), visible (T, L)): the queries at ``start_pos`` ..
+        ``start_pos + T - 1`` over the ``L`` keys of positions 0 .. L - 1, later positions masked."""
+        q = self.query(h)
+        q = q.to(_at_least_fp32(q.dtype))                                   # (B, T, w)
+        s = q @ keys.to(q.dtype).transpose(1, 2) / math.sqrt(q.size(-1))    # (B, T, L)
+        T, L = s.shape[1:]
+        visible = torch.ones(T, L, dtype=torch.bool, device=s.device).tril(diagonal=start_pos)
+        return torch.log_softmax(s.masked_fill(~visible, float("-inf")), dim=-1), visible
+
+    def log_gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log g, log (1 - g)), each (B, T)."""
+        z = self.gate(h).squeeze(-1)
+        z = z.to(_at_least_fp32(z.dtype))
+        return F.logsigmoid(z), F.logsigmoid(-z)
 
 
 def _attention_mask(q_len: int, kv_len: int, device) -> tuple[torch.Tensor | None, bool]:
@@ -127,6 +168,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one Parameter, two uses
+        self.copy_head = CopyHead(config) if config.copy_head else None
         self.loss_fn = LanguageModelLoss()
         self.init_weights()
 
@@ -183,7 +225,9 @@ class GPT(nn.Module):
         """Logits (B, T, V), or with ``targets`` the mean cross-entropy over targets that are not
         ``-100``. ``labelled_only=True`` runs the LM head on those positions alone (same loss, less
         work when most positions are ignored, as in answer-only fine-tuning; the selection costs a
-        host sync on a GPU)."""
+        host sync on a GPU). With a copy head the "logits" are the log-probabilities of the mixture
+        (normalised, so softmax, argmax and sampling read them as logits) and the loss is its
+        cross-entropy."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, seq_len), got {tuple(idx.shape)}")
         B, T = idx.shape
@@ -197,6 +241,8 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, kv_cache, start_pos)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
+        if self.copy_head is not None:
+            return self._copy_forward(x, idx, targets, kv_cache, start_pos, labelled_only)
         if targets is not None and labelled_only:
             keep = targets != self.loss_fn.ignore_index  # (B, T)
             x, targets = x[keep].unsqueeze(0), targets[keep].unsqueeze(0)  # (1, N, C), (1, N)
@@ -204,3 +250,36 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return self.loss_fn(logits, targets)
+
+    def _copy_forward(self, x, idx, targets, kv_cache, start_pos: int, labelled_only: bool) -> torch.Tensor:
+        head = self.copy_head
+        keys, source = head.key(x), idx                                      # (B, T, w), (B, T)
+        if kv_cache is not None:
+            keys, source = kv_cache.update_copy(keys, idx, start_pos)        # (B, L, w), (B, L)
+        log_a, visible = head.scores(x, keys, start_pos)                     # (B, T, L), (T, L)
+        log_g, log_not_g = head.log_gates(x)                                 # (B, T) each
+        if targets is None:
+            logits = self.lm_head(x)
+            if logits.size(-1) != self.config.vocab_size:
+                raise NotImplementedError(
+                    "a copy head's output distribution needs the whole vocabulary on one rank; run "
+                    "inference at tp=1 (zerotrain's ask, summarize and eval load runs that way)")
+            copied = torch.zeros_like(logits, dtype=log_a.dtype).scatter_add_(
+                2, source.unsqueeze(1).expand(-1, x.size(1), -1), log_a.exp())  # (B, T, V)
+            log_vocab = torch.log_softmax(logits.to(log_a.dtype), dim=-1)
+            return torch.logaddexp(log_g.unsqueeze(-1) + log_vocab,
+                                   log_not_g.unsqueeze(-1) + copied.log())
+        ignore = self.loss_fn.ignore_index
+        keep = targets != ignore                                             # (B, T)
+        # log of the copy weight on the positions holding the target; rows with none get -inf
+        match = (source.unsqueeze(1) == targets.unsqueeze(2)) & visible      # (B, T, L)
+        hit = match.any(dim=-1)
+        log_copy = torch.logsumexp(log_a.masked_fill(~match, float("-inf")).masked_fill(~hit.unsqueeze(-1), 0.0),
+                                   dim=-1).masked_fill(~hit, float("-inf"))  # (B, T)
+        if labelled_only:
+            x, targets = x[keep].unsqueeze(0), targets[keep].unsqueeze(0)    # (1, N, C), (1, N)
+            log_copy, log_g, log_not_g = log_copy[keep], log_g[keep], log_not_g[keep]
+            keep = keep[keep]
+        log_vocab = -self.loss_fn(self.lm_head(x), targets, reduction="none").to(log_a.dtype).reshape(keep.shape)
+        log_p = torch.logaddexp(log_g + log_vocab, log_not_g + log_copy)
+        return -log_p[keep].sum() / keep.sum()

@@ -24,7 +24,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, group, vocab_start, vocab_end, ignore_index):
+    def forward(ctx, logits, targets, group, vocab_start, vocab_end, ignore_index, per_target=False):
         shape, width = logits.shape, logits.shape[-1]
         x = logits.reshape(-1, width).to(_compute_dtype(logits.dtype), copy=True)   # (N, width)
         t = targets.reshape(-1)
@@ -41,11 +41,13 @@ class _VocabParallelCE(torch.autograd.Function):
         sum_exp, target_logit = sums[0], sums[1]
         valid = t != ignore_index
         count = valid.sum()
-        per_target = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
+        per_target_loss = (sum_exp.log() - target_logit).masked_fill(~valid, 0.0)
         x.div_(sum_exp.unsqueeze(1))                                    # x now holds softmax
         ctx.save_for_backward(x, local_t, owned, valid, count)
-        ctx.shape, ctx.dtype = shape, logits.dtype
-        return (per_target.sum() / count).to(logits.dtype)
+        ctx.shape, ctx.dtype, ctx.per_target = shape, logits.dtype, per_target
+        if per_target:
+            return per_target_loss.to(logits.dtype)
+        return (per_target_loss.sum() / count).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -53,14 +55,16 @@ class _VocabParallelCE(torch.autograd.Function):
         grad = softmax.clone()
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local_t] -= owned.to(grad.dtype)
-        grad.mul_((valid.to(grad.dtype) * (grad_loss / count)).unsqueeze(1))
-        return grad.to(ctx.dtype).view(ctx.shape), None, None, None, None, None
+        scale = grad_loss.reshape(-1).to(grad.dtype) if ctx.per_target else grad_loss / count
+        grad.mul_((valid.to(grad.dtype) * scale).unsqueeze(1))
+        return grad.to(ctx.dtype).view(ctx.shape), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor, group, *,
                                  vocab_start: int, vocab_end: int,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the targets that are not ``ignore_index``.
+                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not ``ignore_index``, or with
+    ``reduction="none"`` each target's, flattened (0 where ignored).
 
     ``logits_shard``: ``(..., width)`` with this rank's ids ``[vocab_start, vocab_end)`` in its first
     columns (``width >= vocab_end - vocab_start``; extra columns are padding and ignored).
@@ -73,7 +77,10 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tens
     if not 0 <= vocab_end - vocab_start <= logits_shard.shape[-1]:
         raise ValueError(f"vocab_parallel_cross_entropy: range [{vocab_start}, {vocab_end}) does not "
                          f"fit a shard of width {logits_shard.shape[-1]}")
-    return _VocabParallelCE.apply(logits_shard, targets, group, vocab_start, vocab_end, ignore_index)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"vocab_parallel_cross_entropy: reduction must be 'mean' or 'none', got {reduction!r}")
+    return _VocabParallelCE.apply(logits_shard, targets, group, vocab_start, vocab_end, ignore_index,
+                                  reduction == "none")
 
 
 class VocabParallelCrossEntropy(_TPModule):
@@ -84,10 +91,10 @@ class VocabParallelCrossEntropy(_TPModule):
         self.group, self.vocab_size, self.ignore_index = group, vocab_size, ignore_index
         self.vocab_start, self.vocab_end, self.rows_per_rank = vocab_range(vocab_size, group)
 
-    def forward(self, logits_shard: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits_shard: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits_shard, targets, self.group,
                                             vocab_start=self.vocab_start, vocab_end=self.vocab_end,
-                                            ignore_index=self.ignore_index)
+                                            ignore_index=self.ignore_index, reduction=reduction)
 
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, ids [{self.vocab_start}, {self.vocab_end}), "
