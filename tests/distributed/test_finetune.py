@@ -9,6 +9,8 @@ A 2-layer, 64-wide GPT (block 96, 512-token tokenizer) is pretrained for 4 steps
 * the first loss equals the loss of the base checkpoint loaded into a plain single-process model on
   step 0's batch (the base weights were really loaded, at both layouts), and differs from an
   untrained model's;
+* the fine-tuned model has a copy head the base had not: only its parameters may be missing from the
+  base checkpoint, and they keep their initial values (the same on every rank and layout);
 * a stage-3 run stopped after 3 steps resumes at step 3 and repeats the uninterrupted losses.
 """
 from __future__ import annotations
@@ -97,17 +99,23 @@ def one_rank(mesh, root: str, runs: dict):
     mix = TaskMix([Encoded.load(data_path(opts.run_dir, n, "train")) for n in ("qa", "summarize")], [2 / 3, 1 / 3],
                   opts.train.seed, tok.eot_id, copy_text=np.load(copy_path(opts.run_dir)), copy_share=0.25, copy_steps=COPY_STEPS)
     x, y, _ = mix.batch(0, batch_size=4, dp_rank=0, dp_size=1)
-    losses = {}
+    from zerotrain.checkpoint.format import CheckpointError
+    losses, new, refused = {}, None, None
     for loaded in (True, False):
         model = build_model(opts, tok.vocab_size, mesh)
         if loaded:
-            checkpoint.load(Path(root) / "base", model=model)
+            try:
+                checkpoint.load(Path(root) / "base", model=model)
+            except CheckpointError as e:
+                refused = str(e)
+            new = checkpoint.load(Path(root) / "base", model=model, new_params=("copy_head.",))["new"]
         with torch.no_grad():
             losses[loaded] = model(x, y).item()
     exercises = sum(plen == len(ids) // 2 + 1 and (ids[:plen - 1] == ids[plen - 1:]).all()
                     for step in range(STEPS) for ids, plen in mix.rows(step, 4))
     state = finetune(mesh, opts, tensorboard=False)
-    return {"s0": (state.losses, state.results["heldout_answer_loss"]), "reference": losses, "exercises": exercises}
+    return {"s0": (state.losses, state.results["heldout_answer_loss"]), "reference": losses, "exercises": exercises,
+            "new": new, "refused": refused}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +154,11 @@ def test_starts_from_the_base_saved_at_another_layout(results):
     assert results["s0"][0][0] == pytest.approx(loaded, abs=1e-5)
     assert results["s3"][0][0] == pytest.approx(loaded, abs=1e-5)
     assert abs(loaded - fresh) > 0.05
+
+
+def test_the_copy_head_is_new_and_only_it_may_be_missing(results):
+    assert sorted(results["new"]) == [f"copy_head.{m}.{p}" for m in ("gate", "key", "query") for p in ("bias", "weight")]
+    assert "copy_head.query.weight" in results["refused"] and "does not match the model" in results["refused"]
 
 
 def test_stopped_finetune_resumes_where_it_stopped(results):

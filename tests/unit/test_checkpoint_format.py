@@ -269,6 +269,23 @@ def test_consolidate_into_plain_gpt_and_huggingface(tmp_path, bias):
         torch.testing.assert_close(hf(idx).logits, reference(idx), atol=1e-5, rtol=1e-5)
 
 
+def test_a_copy_head_model_consolidates_but_is_not_exported_as_gpt2(tmp_path):
+    def copy_gpt(seed):
+        torch.manual_seed(seed)
+        return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, copy_head=True))
+    model = copy_gpt(0)
+    zerotrain.shard_model(model, stage=3)
+    checkpoint.save(tmp_path / "run" / "checkpoints", model=model, step=1)
+    out = tmp_path / "model.safetensors"
+    assert cli_checkpoint(["consolidate", str(tmp_path / "run"), "-o", str(out)]) == 0
+    plain = checkpoint.load_consolidated_into(copy_gpt(1), out)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(idx), copy_gpt(0)(idx))
+    with pytest.raises(ValueError, match="copy head"):
+        checkpoint.to_hf_gpt2_state_dict(checkpoint.full_state_dict(tmp_path / "run"))
+
+
 def test_cli_inspect(tmp_path, capsys):
     model, opt, sched = _trained(stage=2)
     checkpoint.save(tmp_path / "run" / "checkpoints", model=model, optimizer=opt, scheduler=sched, step=2,

@@ -115,6 +115,9 @@ def to_hf_gpt2_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     transposed. A tied ``lm_head.weight`` missing from ``sd`` is taken from ``wte.weight``; a model
     built with ``bias=False`` gets zero biases (the same function). Activation: HF ``gelu_new``.
     """
+    if any(name.startswith("copy_head.") for name in sd):
+        raise ValueError("to_hf_gpt2_state_dict: this model has a copy head (GPTConfig.copy_head, added by "
+                         "fine-tuning), which GPT2LMHeadModel has no place for; export the pretrained run instead")
     out = {}
     for name, t in sd.items():
         if name in _TOP:

@@ -26,20 +26,26 @@ from .tensorfile import ShardReader
 log = logging.getLogger("zerotrain")
 
 
-def load(root, *, model, optimizer=None, scheduler=None, tag: str | None = None, verify: bool = True) -> dict:
+def load(root, *, model, optimizer=None, scheduler=None, tag: str | None = None, verify: bool = True,
+         new_params: tuple[str, ...] = ()) -> dict:
     """Load ``<root>/<tag>`` (``tag=None``: the one ``latest`` points to; ``root`` may also be a
     checkpoint directory or a run directory) into ``model`` (sharded by ``shard_model``), and
-    ``optimizer``/``scheduler`` if given. Collective. Returns ``{"step", "client_state", "tag", "path"}``.
-    ``verify`` checks the sha256 of every file this rank reads."""
+    ``optimizer``/``scheduler`` if given. Collective. Returns ``{"step", "client_state", "tag", "path",
+    "new"}``. ``verify`` checks the sha256 of every file this rank reads. ``new_params``: name prefixes
+    of parameters the checkpoint may lack (a head added after it was saved, as fine-tuning adds a copy
+    head): those keep the values they have; ``"new"`` lists them. Model-only (no optimizer)."""
     zs = zero_state_of(model, "load")
     ckpt = resolve(root, tag)
     manifest = read_manifest(ckpt)
-    _check_compatible(manifest, model, zs, optimizer=optimizer, scheduler=scheduler, ckpt=ckpt)
+    if new_params and optimizer is not None:
+        raise ValueError("checkpoint.load: new_params is for loading a model only; pass optimizer=None")
+    new = _check_compatible(manifest, model, zs, optimizer=optimizer, scheduler=scheduler, ckpt=ckpt,
+                            new_params=tuple(new_params))
     error, status = None, None
     try:
         with ShardReader(ckpt, manifest, verify=verify) as reader:
             source = ParamSource(manifest, reader)
-            _load_master(zs, source)
+            _load_master(zs, source, skip=set(new))
             _load_extras(model, zs, source)
             if optimizer is not None:
                 _load_optimizer_state(optimizer, source)
@@ -60,15 +66,20 @@ def load(root, *, model, optimizer=None, scheduler=None, tag: str | None = None,
         scheduler.load_state_dict(from_json(manifest["scheduler"]["state"]))
     log.info("checkpoint: loaded %s (step %d, saved at stage %d dp %d tp %d)", ckpt, manifest["step"],
              manifest["layout"]["stage"], manifest["layout"]["dp"], manifest["layout"]["tp"])
+    if new:
+        log.info("checkpoint: %d parameters not in %s keep their initial values: %s", len(new), ckpt,
+                 ", ".join(new))
     return {"step": manifest["step"], "client_state": from_json(manifest["client_state"]),
-            "tag": manifest["tag"], "path": Path(ckpt)}
+            "tag": manifest["tag"], "path": Path(ckpt), "new": new}
 
 
 # ------------------------------------------------------------------ checks (no collective)
-def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt) -> None:
+def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt, new_params=()) -> list[str]:
+    """The model's parameters that the checkpoint lacks and ``new_params`` allows; raises otherwise."""
     saved = manifest["params"]
     mine = {slot.name: (slot.shape, p) for u in zs.units for slot, p in zip(u.layout.slots, u.params)}
-    missing = [n for n in mine if n not in saved]
+    new = [n for n in mine if n not in saved and new_params and n.startswith(new_params)]
+    missing = [n for n in mine if n not in saved and n not in new]
     unexpected = [n for n in saved if n not in mine]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not match the model: missing from the checkpoint "
@@ -76,6 +87,8 @@ def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt) -> Non
                          f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the model it "
                          "was saved from")
     for name, (shape, p) in mine.items():
+        if name in new:
+            continue
         want = global_shape(shape, tp_spec(p))
         have = global_shape(saved[name]["shape"], saved[name]["tp"])
         if want != have:
@@ -89,6 +102,7 @@ def _check_compatible(manifest, model, zs, *, optimizer, scheduler, ckpt) -> Non
         _check_optimizer(manifest.get("optimizer"), optimizer, zs, ckpt)
     if scheduler is not None and manifest.get("scheduler") is None:
         raise CheckpointError(f"checkpoint {ckpt} has no scheduler state; pass scheduler=None to load it")
+    return new
 
 
 def _check_optimizer(meta, optimizer, zs, ckpt) -> None:
@@ -110,9 +124,11 @@ def _check_optimizer(meta, optimizer, zs, ckpt) -> None:
 
 
 # ------------------------------------------------------------------ data
-def _load_master(zs, source: ParamSource) -> None:
+def _load_master(zs, source: ParamSource, skip: set = frozenset()) -> None:
     with torch.no_grad():
         for s in zs.owned_slices():
+            if s.name in skip:
+                continue
             source.read_into(s.master, s.name, "master", s.span[0], target=tp_spec(s.param),
                              target_rank=tp_rank_of(s.param))
 

@@ -43,8 +43,9 @@ def _start(model, opt, opts: Options, spec, state: TrainState) -> None:
     if root.is_dir() and ckpt.latest_tag(root) is not None:
         resume(model, opt, opts, state)
         return
-    info = ckpt.load(spec.base, model=model)
-    log.info("fine-tuning from %s (pretrained for %d steps)", spec.base, info["step"])
+    info = ckpt.load(spec.base, model=model, new_params=("copy_head.",))
+    log.info("fine-tuning from %s (pretrained for %d steps)%s", spec.base, info["step"],
+             ", a new copy head" if info["new"] else "")
 
 
 def _step(model, opt, sched, batch, *, stop, mesh) -> tuple[float, bool, object, float]:

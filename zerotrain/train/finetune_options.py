@@ -7,6 +7,7 @@ base run's model and data, this run's parallel layout, optimizer and steps), so 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +51,7 @@ class FinetuneTrainOptions(_Section):
     report_examples: NonNegInt = 200   # held-out examples per task in the final generated report
     copy_steps: NonNegInt = 1000       # the first steps: copying exercises only (part of ``steps``)
     copy_share: Annotated[Real, Field(ge=0, lt=1)] = 0.25   # then this share of the slots
+    copy_head: bool = True             # add a copy (pointer) head to the pretrained model
 
     @model_validator(mode="after")
     def _copy_fits(self):
@@ -85,6 +87,7 @@ class FinetuneOptions(_Section):
         data = base.model_dump()
         data.update(parallel=self.parallel.model_dump(), optim=self.optim.model_dump(),
                     run={"name": self.run_name, "runs_dir": self.run.runs_dir})
+        data["model"]["copy_head"] = t.copy_head or bool(data["model"].get("copy_head"))
         data["train"].update(steps=t.steps, batch_size=t.batch_size, seed=t.seed, log_interval=t.log_interval,
                              eval_interval=t.eval_interval, ckpt_interval=t.ckpt_interval, keep_last=t.keep_last)
         return Options.model_validate(data)
@@ -92,7 +95,11 @@ class FinetuneOptions(_Section):
 
 def read_finetune(run_dir: Path) -> FinetuneOptions | None:
     path = Path(run_dir) / "finetune.json"
-    return FinetuneOptions.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.get("train", {}).setdefault("copy_head", False)     # runs from before the copy head had none
+    return FinetuneOptions.model_validate(data)
 
 
 __all__ = ["FinetuneOptions", "FinetuneTrainOptions", "TaskOptions", "UsageError", "read_finetune"]

@@ -44,6 +44,7 @@ class ModelOptions(_Section):
     n_embd: PosInt | None = None
     block_size: PosInt | None = None
     dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    copy_head: bool | None = None      # None: off (fine-tuning turns it on; see GPTConfig.copy_head)
 
 
 class DataOptions(_Section):

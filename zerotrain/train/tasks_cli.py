@@ -75,6 +75,8 @@ def finetune_options(args) -> tuple[FinetuneOptions, Options]:
     run, its saved options."""
     base = _base_run(args.run, args.runs_dir)
     settings = {FT_FLAGS[f][0]: v for f in FT_FLAGS if (v := getattr(args, f[2:].replace("-", "_"))) is not None}
+    if args.no_copy_head:
+        settings["train.copy_head"] = False
     data = {"base": str(base), "run": {"name": args.run_name, "runs_dir": args.runs_dir}}
     if args.tasks is not None:
         data["tasks"] = {"names": args.tasks.split(","), "weights": _weights(args.weights)}
@@ -94,6 +96,10 @@ def finetune_options(args) -> tuple[FinetuneOptions, Options]:
             raise UsageError(f"run '{spec.run_name}' was fine-tuned from {saved.base} on "
                              f"{','.join(saved.tasks.names)} (weights {saved.tasks.weights or 'equal'}); pass "
                              "--fresh to start it over or --run-name NAME for a new run")
+        if spec.train.copy_head != saved.train.copy_head:
+            raise UsageError(f"run '{spec.run_name}' was fine-tuned {'with' if saved.train.copy_head else 'without'} "
+                             "a copy head; resume it as it was, or pass --fresh to start it over or "
+                             "--run-name NAME for a new run")
     base_opts = Options.model_validate_json((base / "options.json").read_text(encoding="utf-8"))
     return spec, spec.effective(base_opts)
 
@@ -142,6 +148,8 @@ def _finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="mixing weights, e.g. qa=2,summarize=1 (default equal)")
     for flag, (_, typ, help_) in FT_FLAGS.items():
         p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--no-copy-head", action="store_true",
+                   help="fine-tune the model as it is, without adding a copy (pointer) head")
     p.add_argument("--run-name", default=None, help="the fine-tuning run's name (default <RUN>-ft)")
     p.add_argument("--runs-dir", default="runs", help="where runs live (default ./runs)")
     p.add_argument("--fresh", action="store_true", help="start the fine-tuning run over")
