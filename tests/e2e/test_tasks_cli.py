@@ -109,3 +109,21 @@ def test_a_run_fine_tuned_from_one_base_is_not_continued_from_another(run, capsy
     assert main(["finetune", str(other), "--tasks", "qa"]) == 2
     err = capsys.readouterr().err
     assert f"was fine-tuned from {run.resolve()}" in err and "--fresh" in err and err.count("error:") == 1
+
+
+def test_the_copy_head_is_kept_as_the_run_was_started(run, capsys, tmp_path):
+    """A run started with the copy head (the default) is not resumed without it, and a run whose
+    finetune.json predates the copy head reads as one without it."""
+    from zerotrain.train.finetune_options import read_finetune
+    assert main(["finetune", str(run), "--tasks", "qa", "--run-name", "c"]) == 2     # setup written
+    run_dir = tmp_path / "runs" / "c"
+    assert read_finetune(run_dir).train.copy_head
+    assert json.loads((run_dir / "options.json").read_text())["model"]["copy_head"] is True
+    capsys.readouterr()
+    assert main(["finetune", str(run), "--tasks", "qa", "--run-name", "c", "--no-copy-head"]) == 2
+    err = capsys.readouterr().err
+    assert "was fine-tuned with a copy head" in err and "--fresh" in err and err.count("error:") == 1
+    saved = json.loads((run_dir / "finetune.json").read_text())
+    del saved["train"]["copy_head"]
+    (run_dir / "finetune.json").write_text(json.dumps(saved))
+    assert not read_finetune(run_dir).train.copy_head

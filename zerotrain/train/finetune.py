@@ -5,7 +5,9 @@ effective options (``FinetuneOptions.effective``) and the run directory already 
 ``finetune.json``, the tokenizer and the encoded task data (the launcher wrote them). A new run
 loads the pretrained run's latest checkpoint into the model only (saved at any ZeRO stage, world
 size or tp degree: the checkpoint loader reshards) and starts a fresh optimizer; a run that has
-checkpoints of its own resumes from them, optimizer included.
+checkpoints of its own resumes from them, optimizer included. Unless ``train.copy_head`` is off the
+model gains a copy head (``GPTConfig.copy_head``) that the base checkpoint lacks: only its parameters
+may be missing there, and they start from their seeded initialisation, the same at every layout.
 
 Loss on answer tokens only (the LM head runs on those positions alone: most positions of a
 fine-tuning batch are prompt or padding), normalised by the answer tokens of the *global* batch: each rank
