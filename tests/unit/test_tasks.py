@@ -295,13 +295,28 @@ def test_task_names():
         check_tasks(["qa", "qa"])
 
 
-def test_subject_tokens_script_finds_the_subject_as_the_answer_writes_it():
+def _script(name: str):
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "scripts" / "subject_tokens.py"
-    spec = importlib.util.spec_from_file_location("subject_tokens", path)
+    path = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_bootstrap_interval():
+    interval = _script("paired_eval").paired_interval
+    assert interval([0.5, 0.2, 0.9], [0.5, 0.2, 0.9]) == (0.0, 0.0, 0.0)
+    assert interval([1.0, 2.0, 3.0, 7.0], [0.75, 1.75, 2.75, 6.75]) == pytest.approx((0.25, 0.25, 0.25))
+    mean, low, high = interval([1, 0, 1, 1, 0, 1, 1, 1] * 25, [0] * 200)
+    assert mean == pytest.approx(0.75) and 0.65 < low < 0.75 < high < 0.85
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        interval([], [])
+
+
+def test_subject_tokens_script_finds_the_subject_as_the_answer_writes_it():
+    module = _script("subject_tokens")
 
     class Chars:                        # one token per character
         def encode(self, text):
