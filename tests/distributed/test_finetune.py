@@ -56,7 +56,7 @@ def ft_run(root: str, base, name: str, *, stage: int, nproc: int):
         "base": str(Path(root) / "base"), "tasks": {"names": ["qa", "summarize"], "weights": {"qa": 2.0}},
         "parallel": {"stage": stage, "nproc": nproc}, "optim": {"warmup": 2},
         "train": {"steps": STEPS, "batch_size": 4, "eval_interval": 4, "eval_examples": 8, "ckpt_interval": 0,
-                  "copy_steps": COPY_STEPS, "copy_share": 0.25},
+                  "copy_steps": COPY_STEPS},
         "run": {"name": name, "runs_dir": root}})
     opts = spec.effective(base)
     summary_cache(spec.run_dir)

@@ -81,11 +81,9 @@ BAD = [
      "unknown task 'summarise' in --tasks; did you mean 'summarize'?"),
     (lambda run, tmp: ["finetune", str(run), "--tasks", "qa", "--weights", "summarize=2"],
      "--weights names summarize, which --tasks qa does not train"),
-    (lambda run, tmp: ["finetune", str(run), "--steps", "100", "--copy-steps", "1000"],
-     "train.copy_steps=1000 leaves none of the 100 steps"),
+    (lambda run, tmp: ["finetune", str(run), "--steps", "100"], "train.copy_steps=1000 leaves none of the 100 steps"),
     (lambda run, tmp: ["finetune", str(run), "--copy", "1.5"], "train.copy_share"),
-    (lambda run, tmp: ["finetune", str(run), "--tasks", "qa", "--copy-steps", "10"],
-     "train.npy is missing; pass --copy-steps 0 --copy 0"),
+    (lambda run, tmp: ["finetune", str(run), "--tasks", "qa"], "train.npy is missing; pass --copy-steps 0 --copy 0"),
     (lambda run, tmp: ["eval", str(run), "--task", "q&a"], "unknown task 'q&a' in --task"),
     (lambda run, tmp: ["summarize", str(run), str(tmp / "missing.txt")], "document file not found"),
     (lambda run, tmp: ["ask", str(run), "What is a dog?", "--beams", "0"], "--beams 0: must be >= 1 (1 is greedy)"),
@@ -105,10 +103,10 @@ def test_a_run_fine_tuned_from_one_base_is_not_continued_from_another(run, capsy
     continued from the base it was started from."""
     other = tmp_path / "elsewhere" / run.name
     shutil.copytree(run, other)
-    assert main(["finetune", str(run), "--tasks", "qa", "--copy", "0.25"]) == 2   # setup written, then no train.npy
+    assert main(["finetune", str(run), "--tasks", "qa"]) == 2            # setup written, then no train.npy
     assert (tmp_path / "runs" / "r-ft" / "finetune.json").is_file()
     capsys.readouterr()
-    assert main(["finetune", str(other), "--tasks", "qa", "--copy", "0.25"]) == 2
+    assert main(["finetune", str(other), "--tasks", "qa"]) == 2
     err = capsys.readouterr().err
     assert f"was fine-tuned from {run.resolve()}" in err and "--fresh" in err and err.count("error:") == 1
 
@@ -117,7 +115,7 @@ def test_the_copy_head_is_kept_as_the_run_was_started(run, capsys, tmp_path):
     """A run started with the copy head (the default) is not resumed without it, and a run whose
     finetune.json predates the copy head reads as one without it."""
     from zerotrain.train.finetune_options import read_finetune
-    assert main(["finetune", str(run), "--tasks", "qa", "--run-name", "c", "--copy", "0.25"]) == 2   # setup written
+    assert main(["finetune", str(run), "--tasks", "qa", "--run-name", "c"]) == 2     # setup written
     run_dir = tmp_path / "runs" / "c"
     assert read_finetune(run_dir).train.copy_head
     assert json.loads((run_dir / "options.json").read_text())["model"]["copy_head"] is True

@@ -7,14 +7,15 @@ not fitting the context). ``TaskMix.batch(step)`` draws step ``step``'s global b
 so a resumed run replays the batches of an uninterrupted one. A rank takes its contiguous slice;
 rows are padded to the longest row of the *global* batch, so every rank runs the same shapes.
 
-Copying exercises (off by default): the first ``copy_steps`` steps, then a share of the slots
-(``copy_share``), hold a span of the pretraining text written twice, with the loss on the repeat (its
-first token excluded: nothing predicts it). Both tasks copy from their input (an answer restates the
-question's subject, or lifts a sentence from the passage; a summary reuses the document's words). A
-small model with a copy head (``GPTConfig.copy_head``, the fine-tuning default) copies without
-them, and they only take steps from the tasks; one fine-tuned without the head cannot yet copy a
-rare word and learns it from them (``--no-copy-head --copy-steps 1000 --copy 0.25``). The spans
-come from the base run's training tokens, copied into ``<run>/data/copy.npy`` by
+Copying exercises: the first ``copy_steps`` steps, then a share of the slots (``copy_share``), hold
+a span of the pretraining text written twice, with the loss on the repeat (its first token excluded:
+nothing predicts it). Both tasks copy from their input (an answer restates the question's subject,
+or lifts a sentence from the passage; a summary reuses the document's words). A model fine-tuned
+without a copy head cannot copy a rare word until they teach it; with the head (the default) they
+still pay on questions (held-out QA F1 0.780 with them, 0.754 without, the answers that lift a
+passage sentence most) while summaries did better without them on 106 documents (ROUGE-L 0.340
+against 0.321), so they stay on by default and ``--copy-steps 0 --copy 0`` turns them off. The
+spans come from the base run's training tokens, copied into ``<run>/data/copy.npy`` by
 ``prepare_copy_data``.
 """
 from __future__ import annotations
