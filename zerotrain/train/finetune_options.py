@@ -49,8 +49,8 @@ class FinetuneTrainOptions(_Section):
     ckpt_interval: NonNegInt = 500
     keep_last: PosInt | None = 2
     report_examples: NonNegInt = 200   # held-out examples per task in the final generated report
-    copy_steps: NonNegInt = 1000       # the first steps: copying exercises only (part of ``steps``)
-    copy_share: Annotated[Real, Field(ge=0, lt=1)] = 0.25   # then this share of the slots
+    copy_steps: NonNegInt = 0          # the first steps: copying exercises only (part of ``steps``)
+    copy_share: Annotated[Real, Field(ge=0, lt=1)] = 0.25   # then (from the first step by default) this share of the slots
     copy_head: bool = True             # add a copy (pointer) head to the pretrained model
 
     @model_validator(mode="after")

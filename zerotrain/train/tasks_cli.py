@@ -32,7 +32,7 @@ FT_FLAGS = {  # flag -> (dotted option, type, help)
     "--nproc": ("parallel.nproc", int, "local processes (default 2)"),
     "--tp": ("parallel.tp", int, "tensor-parallel degree (default 1)"),
     "--precision": ("parallel.precision", str, "fp32 (default), bf16 or fp16"),
-    "--copy-steps": ("train.copy_steps", int, "first steps of copying exercises only (default 1000; part of --steps)"),
+    "--copy-steps": ("train.copy_steps", int, "first steps of copying exercises only (default 0; part of --steps)"),
     "--copy": ("train.copy_share", float, "then the share of each batch that are copying exercises (default 0.25)"),
     "--report-examples": ("train.report_examples", int, "held-out examples per task in the final report (default 200)"),
 }
