@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-from pathlib import Path
 
 import torch
 
-from zerotrain.data.tasks import eval_items, prompts, qa, summaries
-from zerotrain.train.answer import answer_questions, fits, summarize_documents
+from zerotrain.data.tasks import eval_items, qa, summaries
+from zerotrain.train.answer import answer_questions, documents_that_fit, summarize_documents
 from zerotrain.train.inference import find_run, load_run
 
 
@@ -35,8 +34,7 @@ def main() -> None:
     _, _, tokenizer, model, step = load_run(str(run_dir), str(run_dir.parent))
     items = eval_items(args.task, None, run_dir / "data", seed=0)[args.skip:args.skip + args.items]
     if args.task == "summarize":
-        items = [p for p in items
-                 if fits(tokenizer, prompts.summary_prompt(p["document"]), model.config.block_size, room=16)]
+        items = documents_that_fit(tokenizer, items, model.config.block_size)
     print(f"{run_dir.name} at step {step}: {len(items)} held-out {args.task} items after the first {args.skip}")
     grid = [(1, 1.0)] + [(b, lp) for b, lp in itertools.product(map(int, args.beams.split(",")),
                                                                   map(float, args.length_penalties.split(",")))

@@ -14,8 +14,8 @@ import argparse
 import numpy as np
 import torch
 
-from zerotrain.data.tasks import eval_items, prompts, qa
-from zerotrain.train.answer import answer_questions, fits, summarize_documents
+from zerotrain.data.tasks import eval_items, qa, summaries
+from zerotrain.train.answer import answer_questions, documents_that_fit, summarize_documents
 from zerotrain.train.inference import find_run, load_run
 
 
@@ -35,10 +35,8 @@ def item_scores(task: str, model, tokenizer, items: list) -> dict[str, list[floa
         answers = answer_questions(model, tokenizer, items)
         return {"F1": [qa.token_f1(p, e.answer) for p, e in zip(answers, items)],
                 "full sentence": [float(qa.is_full_sentence(p, e.subject)) for p, e in zip(answers, items)]}
-    from rouge_score import rouge_scorer
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    summaries = summarize_documents(model, tokenizer, [p["document"] for p in items])
-    return {"ROUGE-L": [scorer.score(p["summary"], s)["rougeL"].fmeasure for s, p in zip(summaries, items)]}
+    written = summarize_documents(model, tokenizer, [p["document"] for p in items])
+    return {"ROUGE-L": summaries.rouge_items(written, [p["summary"] for p in items])["rougeL"]}
 
 
 def main() -> None:
@@ -56,7 +54,7 @@ def main() -> None:
     items = eval_items(args.task, args.examples or None, runs[0] / "data")
     if args.task == "summarize":
         block = min(m[3].config.block_size for m in loaded)
-        items = [p for p in items if fits(tokenizer, prompts.summary_prompt(p["document"]), block, room=16)]
+        items = documents_that_fit(tokenizer, items, block)
     scores = [item_scores(args.task, m[3], tokenizer, items) for m in loaded]
     print(f"{args.task}: {len(items)} held-out items; A = {runs[0].name}, B = {runs[1].name}")
     for metric in scores[0]:

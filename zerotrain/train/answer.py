@@ -217,6 +217,11 @@ def fits(tokenizer, prompt_text: str, block_size: int, *, room: int = 8) -> bool
     return len(tokenizer.encode(prompt_text)) + room <= block_size
 
 
+def documents_that_fit(tokenizer, items: list[dict], block_size: int) -> list[dict]:
+    """The summary pairs whose prompt leaves room for a 16-token summary in the context."""
+    return [p for p in items if fits(tokenizer, prompts.summary_prompt(p["document"]), block_size, room=16)]
+
+
 # ------------------------------------------------------------------ held-out evaluation
 def qa_report(items: list[qa.QAExample], systems: dict[str, list[str]]) -> dict:
     """Scores of each system overall and split into closed-book / with-passage questions."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zerotrain.data.tasks import eval_items, prompts, qa, summaries, summary_pairs
+from zerotrain.data.tasks import eval_items, qa, summaries, summary_pairs
 
-from .answer import answer_questions, decoding, fits, lead_k, qa_report, summarize_documents, summary_report
+from .answer import answer_questions, decoding, documents_that_fit, lead_k, qa_report, summarize_documents, summary_report
 
 
 def evaluate_qa(model, tokenizer, *, items: list, base_model=None, **decode) -> dict:
@@ -29,7 +29,7 @@ def evaluate_qa(model, tokenizer, *, items: list, base_model=None, **decode) -> 
 
 def evaluate_summaries(model, tokenizer, *, items: list, cache_dir, base_model=None, **decode) -> dict:
     block = model.config.block_size
-    kept = [p for p in items if fits(tokenizer, prompts.summary_prompt(p["document"]), block, room=16)]
+    kept = documents_that_fit(tokenizer, items, block)
     k = lead_k([p for p in summary_pairs(cache_dir) if p["split"] == "train"])
     docs = [p["document"] for p in kept]
     systems = {"model": summarize_documents(model, tokenizer, docs, **decode),

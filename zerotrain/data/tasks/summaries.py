@@ -159,13 +159,16 @@ def lead_words(document: str, k: int) -> str:
     return " ".join(document.split()[:k])
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 (``rouge-score``, Porter stemming)."""
+def rouge_items(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Each prediction's ROUGE-1/2/L F1 (``rouge-score``, Porter stemming)."""
     from rouge_score import rouge_scorer
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for pred, ref in zip(predictions, references):
-        for key, value in scorer.score(ref, pred).items():
-            totals[key] += value.fmeasure
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {key: [s[key].fmeasure for s in scores] for key in ("rouge1", "rouge2", "rougeL")}
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (``rouge-score``, Porter stemming)."""
     n = max(len(references), 1)
-    return {**{k: v / n for k, v in totals.items()}, "examples": len(references)}
+    means = {k: sum(v) / n for k, v in rouge_items(predictions, references).items()}
+    return {**means, "examples": len(references)}
